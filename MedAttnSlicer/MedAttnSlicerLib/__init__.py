@@ -1,0 +1,95 @@
+"""MedAttnSlicerLib: everything of the MedAttnSlicer panel that is not drawing widgets.
+
+Importable without Slicer (no ``slicer``, ``qt``, ``vtk``, ``ctk``), using only the Python standard
+library and numpy, so annotators need no pip install inside Slicer and the logic is tested with
+plain pytest.
+
+Modules:
+    client       MONAI Label REST client (urllib.request), cancellable requests
+    multipart    multipart/form-data encoding and parsing
+    jobs         background job runner polled from the panel's QTimer
+    workflows    the panel's server round trips as job functions
+    overlay      over/under-segmentation overlay maths (Dice, ml)
+    labels       label values <-> named segments
+    model_card   typed model entries of ``/info/``
+    formatting   text and table rows for the panel
+    url_history  remembered server URLs
+    errors       readable exception types
+"""
+
+from .cancel import CancelToken
+from .client import InferResult, MonaiLabelClient
+from .errors import (
+    MedAttnClientError,
+    OperationCancelled,
+    ProtocolError,
+    ServerError,
+    ServerTimeout,
+    ServerUnavailable,
+    TrainingFailed,
+)
+from .jobs import Job, JobContext, JobEvent, JobRunner, JobState
+from .labels import LabelSegment, compose_label_map, label_values, segment_color, split_label_map
+from .model_card import CLASSIFICATION, SEGMENTATION, ModelCard, default_model, model_cards
+from .multipart import MultipartPart, encode_multipart_formdata, parse_multipart
+from .overlay import (
+    AGREEMENT,
+    OVER_SEGMENTATION,
+    SEGMENT_STYLES,
+    UNDER_SEGMENTATION,
+    OverlaySegment,
+    OverUnderOverlay,
+    comparison_map,
+    dice_coefficient,
+    overlay_from_comparison_map,
+    overlay_from_masks,
+    voxel_volume_ml,
+)
+from .url_history import DEFAULT_SERVER_URL, ServerUrlHistory, normalize_server_url
+
+__all__ = [
+    "CancelToken",
+    "InferResult",
+    "MonaiLabelClient",
+    "MedAttnClientError",
+    "OperationCancelled",
+    "ProtocolError",
+    "ServerError",
+    "ServerTimeout",
+    "ServerUnavailable",
+    "TrainingFailed",
+    "Job",
+    "JobContext",
+    "JobEvent",
+    "JobRunner",
+    "JobState",
+    "LabelSegment",
+    "compose_label_map",
+    "label_values",
+    "segment_color",
+    "split_label_map",
+    "CLASSIFICATION",
+    "SEGMENTATION",
+    "ModelCard",
+    "default_model",
+    "model_cards",
+    "MultipartPart",
+    "encode_multipart_formdata",
+    "parse_multipart",
+    "AGREEMENT",
+    "OVER_SEGMENTATION",
+    "SEGMENT_STYLES",
+    "UNDER_SEGMENTATION",
+    "OverlaySegment",
+    "OverUnderOverlay",
+    "comparison_map",
+    "dice_coefficient",
+    "overlay_from_comparison_map",
+    "overlay_from_masks",
+    "voxel_volume_ml",
+    "DEFAULT_SERVER_URL",
+    "ServerUrlHistory",
+    "normalize_server_url",
+]
+
+__version__ = "0.1.0"

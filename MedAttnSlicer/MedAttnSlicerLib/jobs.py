@@ -1,0 +1,282 @@
+"""Background jobs for the panel: a worker thread per job, results handed back on the caller's thread.
+
+Slicer's scene and Qt widgets may only be touched from the main thread, and a blocked main thread
+freezes the panel. So a job's function runs in a daemon thread and only *posts* events (progress,
+finished, failed, cancelled) to a queue; the panel drains that queue with :meth:`JobRunner.poll`
+from a ``qt.QTimer`` on the main thread, which is where the callbacks run.
+
+Cancelling sets the job's :class:`~MedAttnSlicerLib.cancel.CancelToken`; the client's requests
+register socket shutdowns on that token, so a job waiting for a server answer stops waiting at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from .cancel import CancelToken
+from .errors import OperationCancelled
+
+__all__ = ["JobRunner", "Job", "JobContext", "JobEvent", "JobState"]
+
+
+class JobState:
+    """Job life cycle: QUEUED -> RUNNING -> one of FINISHED, FAILED, CANCELLED."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    FINAL = (FINISHED, FAILED, CANCELLED)
+
+
+@dataclass
+class JobEvent:
+    """Something that happened to a job, delivered by :meth:`JobRunner.poll`.
+
+    Attributes:
+        kind: ``"progress"``, ``"finished"``, ``"failed"`` or ``"cancelled"``.
+        job: the job.
+        fraction: progress in [0, 1], or None when unknown (``progress`` events).
+        message: progress text, or the cancel/failure message.
+        result: the function's return value (``finished``).
+        error: the exception (``failed``, and ``cancelled`` when raised by the job).
+        traceback: formatted traceback of a failure, for a "details" box or the log.
+    """
+
+    kind: str
+    job: "Job"
+    fraction: Optional[float] = None
+    message: str = ""
+    result: Any = None
+    error: Optional[BaseException] = None
+    traceback: str = ""
+
+
+class Job:
+    """Handle of a submitted job. Its state, result and error change only inside :meth:`JobRunner.poll`."""
+
+    def __init__(self, job_id: int, name: str) -> None:
+        self.id = job_id
+        self.name = name
+        self.state = JobState.QUEUED
+        self.cancel_token = CancelToken()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.fraction: Optional[float] = None
+        self.message = ""
+        self.callbacks: Dict[str, Optional[Callable[[JobEvent], Any]]] = {}
+        self.thread: Optional[threading.Thread] = None
+        self._posted_final = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.state in JobState.FINAL
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_token.cancelled
+
+    def cancel(self, reason: str = "Cancelled by the user.") -> None:
+        """Ask the job to stop; the ``cancelled`` event follows through ``poll``."""
+        self.cancel_token.cancel(reason)
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id}, name={self.name!r}, state={self.state})"
+
+
+class JobContext:
+    """What a job function gets as its first argument: progress reporting and cancellation."""
+
+    def __init__(self, job: Job, post: Callable[[JobEvent], None]) -> None:
+        self._job = job
+        self._post = post
+
+    @property
+    def cancel_token(self) -> CancelToken:
+        return self._job.cancel_token
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel_token.cancelled
+
+    def raise_if_cancelled(self) -> None:
+        self._job.cancel_token.raise_if_cancelled()
+
+    def progress(self, fraction: Optional[float], message: str = "") -> None:
+        """Report progress; ``fraction`` is clipped to [0, 1] (None: indeterminate)."""
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        self._post(JobEvent("progress", self._job, fraction=fraction, message=str(message)))
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, waking at once on cancel (then raises OperationCancelled)."""
+        if self._job.cancel_token.wait(seconds):
+            self._job.cancel_token.raise_if_cancelled()
+
+
+JobFunction = Callable[..., Any]
+
+
+class JobRunner:
+    """Runs job functions in worker threads; :meth:`poll` hands events back to the calling thread.
+
+    Args:
+        callback_error_handler: called with (event, exception) when a callback raises inside
+            ``poll``; when None the first such exception is re-raised after all events are handled.
+    """
+
+    def __init__(self, callback_error_handler: Optional[Callable[[JobEvent, BaseException], None]] = None) -> None:
+        self._events: "queue.Queue[JobEvent]" = queue.Queue()
+        self._jobs: Dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.callback_error_handler = callback_error_handler
+
+    def submit(
+        self,
+        name: str,
+        function: JobFunction,
+        *args: Any,
+        on_progress: Optional[Callable[[JobEvent], Any]] = None,
+        on_finished: Optional[Callable[[JobEvent], Any]] = None,
+        on_failed: Optional[Callable[[JobEvent], Any]] = None,
+        on_cancelled: Optional[Callable[[JobEvent], Any]] = None,
+        **kwargs: Any,
+    ) -> Job:
+        """Start ``function(context, *args, **kwargs)`` in a worker thread and return its handle."""
+        if not callable(function):
+            raise TypeError(f"Job '{name}' needs a callable, got {type(function).__name__}")
+        with self._lock:
+            job = Job(next(self._ids), name)
+            self._jobs[job.id] = job
+        job.callbacks = {
+            "progress": on_progress,
+            "finished": on_finished,
+            "failed": on_failed,
+            "cancelled": on_cancelled,
+        }
+        context = JobContext(job, self._events.put)
+        job.thread = threading.Thread(
+            target=self._run,
+            args=(job, context, function, args, kwargs),
+            name=f"medattn-job-{job.id}-{name}",
+            daemon=True,
+        )
+        job.state = JobState.RUNNING
+        job.thread.start()
+        return job
+
+    def _run(self, job: Job, context: JobContext, function: JobFunction, args: tuple, kwargs: dict) -> None:
+        try:
+            job.cancel_token.raise_if_cancelled()
+            result = function(context, *args, **kwargs)
+        except OperationCancelled as error:
+            event = JobEvent("cancelled", job, message=str(error), error=error)
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the panel
+            # Also after a cancel: the client turns aborted requests into OperationCancelled, so
+            # anything else is a real failure (e.g. the server could not stop its training).
+            event = JobEvent(
+                "failed", job, message=str(error) or type(error).__name__, error=error, traceback=traceback.format_exc()
+            )
+        else:
+            if job.cancel_token.cancelled:  # finished in the same instant it was cancelled: honour the cancel
+                event = JobEvent("cancelled", job, message=job.cancel_token.reason or "Cancelled.")
+            else:
+                event = JobEvent("finished", job, fraction=1.0, result=result)
+        self._events.put(event)
+        job._posted_final.set()
+
+    def poll(self) -> List[JobEvent]:
+        """Deliver queued events on the calling thread: update job handles, run callbacks, return them."""
+        delivered: List[JobEvent] = []
+        first_error: Optional[BaseException] = None
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            job = event.job
+            if job.done:  # nothing after a final event (e.g. progress racing the end)
+                continue
+            if event.kind == "progress":
+                job.fraction, job.message = event.fraction, event.message
+            else:
+                job.state = {
+                    "finished": JobState.FINISHED,
+                    "failed": JobState.FAILED,
+                    "cancelled": JobState.CANCELLED,
+                }[event.kind]
+                job.result, job.error, job.message = event.result, event.error, event.message
+                with self._lock:
+                    self._jobs.pop(job.id, None)
+            delivered.append(event)
+            callback = job.callbacks.get(event.kind)
+            if callback is not None:
+                try:
+                    callback(event)
+                except Exception as error:  # noqa: BLE001 - keep delivering the other events
+                    if self.callback_error_handler is not None:
+                        self.callback_error_handler(event, error)
+                    elif first_error is None:
+                        first_error = error
+        if first_error is not None:
+            raise first_error
+        return delivered
+
+    def cancel(self, job: Union[Job, int], reason: str = "Cancelled by the user.") -> None:
+        """Cancel a job (handle or id); unknown or finished jobs are ignored."""
+        job_id = job.id if isinstance(job, Job) else int(job)
+        with self._lock:
+            target = self._jobs.get(job_id)
+        if target is not None:
+            target.cancel(reason)
+
+    def cancel_all(self, reason: str = "Cancelled.") -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel(reason)
+
+    @property
+    def active_jobs(self) -> List[Job]:
+        """Jobs whose final event has not been delivered by ``poll`` yet."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active_jobs)
+
+    def wait(self, job: Job, timeout_s: float = 60.0, poll_interval_s: float = 0.02) -> Job:
+        """Block the caller, polling, until ``job`` is done (for scripts and tests, never the panel).
+
+        Raises:
+            TimeoutError: when the job is still running after ``timeout_s``.
+        """
+        if job._posted_final.wait(timeout_s):
+            self.poll()
+            if job.done:
+                return job
+        # Another thread may be polling; give it a moment before declaring a timeout.
+        job._posted_final.wait(poll_interval_s)
+        self.poll()
+        if not job.done:
+            raise TimeoutError(f"Job '{job.name}' still running after {timeout_s:g} s")
+        return job
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Cancel every job and wait up to ``timeout_s`` for their threads (module cleanup)."""
+        self.cancel_all("The module is closing.")
+        for job in self.active_jobs:
+            if job.thread is not None:
+                job.thread.join(timeout_s)
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - callbacks of a closing panel must not block cleanup
+            pass

@@ -1,0 +1,354 @@
+"""The panel's server round trips as job functions for :class:`~MedAttnSlicerLib.jobs.JobRunner`.
+
+Each function takes a :class:`~MedAttnSlicerLib.jobs.JobContext` first, talks to the server
+through a :class:`~MedAttnSlicerLib.client.MonaiLabelClient`, reports progress and honours cancel.
+None of them touches Slicer: they return file paths and plain data that the widget loads on the
+main thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .client import InferResult, MonaiLabelClient
+from .errors import MedAttnClientError, OperationCancelled, ProtocolError, TrainingFailed
+from .formatting import training_fraction, training_text
+from .jobs import JobContext
+from .model_card import ModelCard
+
+__all__ = [
+    "REFERENCE_SEGMENT",
+    "REFERENCE_FINAL",
+    "REFERENCE_TWIN",
+    "NextSample",
+    "TrainingOutcome",
+    "server_reference",
+    "connect",
+    "fetch_next_sample",
+    "segment",
+    "compare_on_server",
+    "classify",
+    "submit_label",
+    "run_training",
+    "run_scoring",
+]
+
+#: Compare choices offered by the panel.
+REFERENCE_SEGMENT = "segment"  # a segment already in the scene (computed locally)
+REFERENCE_FINAL = "final"  # the image's stored final label (server)
+REFERENCE_TWIN = "twin"  # the FP32 twin of an INT8 model (server)
+
+_FINAL_TASK_STATES = ("DONE", "ERROR", "STOPPED")
+
+
+@dataclass
+class NextSample:
+    """An image chosen by active learning and downloaded.
+
+    Attributes:
+        image_id: datastore id.
+        image_path: local file.
+        strategy: the strategy that chose it.
+        info: the strategy's full answer (image info, strategy bookkeeping...).
+    """
+
+    image_id: str
+    image_path: str
+    strategy: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingOutcome:
+    """How a training run ended (only successful runs; failures raise).
+
+    Attributes:
+        task: training task name.
+        status: the server's final status ("DONE").
+        stats: the task's ``train_stats`` (epoch, total_epochs, best_metric...).
+        record: the server's task record.
+    """
+
+    task: str
+    status: str
+    stats: Dict[str, Any] = field(default_factory=dict)
+    record: Dict[str, Any] = field(default_factory=dict)
+
+
+def server_reference(choice: str, model: ModelCard) -> str:
+    """The ``reference`` request param for a compare choice.
+
+    Raises:
+        ValueError: for the local segment choice (nothing to ask the server), or a twin that
+            does not exist.
+    """
+    if choice == REFERENCE_FINAL:
+        return "final"
+    if choice == REFERENCE_TWIN:
+        if not model.twin:
+            raise ValueError(f"Model '{model.name}' has no twin in the other precision to compare with")
+        return model.twin
+    if choice == REFERENCE_SEGMENT:
+        raise ValueError("A segment in the scene is compared locally, not on the server")
+    raise ValueError(f"Unknown reference choice '{choice}'; expected segment, final or twin")
+
+
+def connect(ctx: JobContext, client: MonaiLabelClient) -> Dict[str, Any]:
+    """``GET /info/``."""
+    ctx.progress(None, f"Connecting to {client.server_url}")
+    return client.info(cancel=ctx.cancel_token)
+
+
+def fetch_next_sample(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    strategy: str,
+    dest_dir: Optional[str] = None,
+    params: Optional[Dict[str, Any]] = None,
+) -> NextSample:
+    """Ask the strategy for an image and download it.
+
+    Raises:
+        MedAttnClientError: when the strategy has no image left to offer.
+    """
+    ctx.progress(None, f"Asking strategy '{strategy}' for the next image")
+    answer = client.next_sample(strategy, params, cancel=ctx.cancel_token)
+    if not answer or not answer.get("id"):
+        raise MedAttnClientError(
+            f"Strategy '{strategy}' returned no image: every image may already be labelled"
+        )
+    image_id = str(answer["id"])
+    ctx.progress(0.0, f"Downloading image '{image_id}'")
+    path = client.download_image(
+        image_id, dest_dir, cancel=ctx.cancel_token, progress=lambda f, m: ctx.progress(f, m)
+    )
+    return NextSample(image_id=image_id, image_path=path, strategy=strategy, info=answer)
+
+
+def segment(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    model: str,
+    image_id: Optional[str] = None,
+    image_file: Optional[str] = None,
+    params: Optional[Dict[str, Any]] = None,
+    dest_dir: Optional[str] = None,
+) -> InferResult:
+    """Run a segmentation model; the result must carry a label file."""
+    result = client.infer(
+        model,
+        image_id=image_id,
+        image_file=image_file,
+        params=params,
+        dest_dir=dest_dir,
+        cancel=ctx.cancel_token,
+        progress=lambda f, m: ctx.progress(f, m),
+    )
+    if not result.label_path:
+        raise ProtocolError(f"Model '{model}' returned no label file (answer: {result.params})")
+    return result
+
+
+def compare_on_server(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    model: str,
+    image_id: str,
+    reference: str,
+    reference_label: Optional[int] = None,
+    dest_dir: Optional[str] = None,
+) -> InferResult:
+    """Run ``model`` with ``reference``: the label file is the comparison map, ``comparison`` the figures."""
+    if not image_id:
+        raise ValueError(
+            "Comparing on the server needs a datastore image: load it with Next sample or submit it first"
+        )
+    params: Dict[str, Any] = {"reference": reference}
+    if reference_label is not None:
+        params["reference_label"] = int(reference_label)
+    result = segment(ctx, client, model, image_id=image_id, params=params, dest_dir=dest_dir)
+    if result.comparison is None:
+        raise ProtocolError(
+            f"Model '{model}' ignored reference '{reference}': its answer has no 'comparison' figures"
+        )
+    return result
+
+
+def classify(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    model: str,
+    image_id: Optional[str] = None,
+    image_file: Optional[str] = None,
+    slice_index: Optional[int] = None,
+    dest_dir: Optional[str] = None,
+) -> InferResult:
+    """Run a classification model: ``probabilities`` per class and a saliency map file."""
+    params: Dict[str, Any] = {}
+    if slice_index is not None:
+        params["slice"] = int(slice_index)
+    result = client.infer(
+        model,
+        image_id=image_id,
+        image_file=image_file,
+        params=params,
+        dest_dir=dest_dir,
+        cancel=ctx.cancel_token,
+        progress=lambda f, m: ctx.progress(f, m),
+    )
+    if result.probabilities is None:
+        raise ProtocolError(f"Model '{model}' returned no class probabilities (answer: {result.params})")
+    return result
+
+
+def submit_label(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    label_path: str,
+    image_id: Optional[str] = None,
+    image_path: Optional[str] = None,
+    tag: str = "final",
+    params: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Save a label as ``tag``; uploads the image first when it is not in the datastore yet.
+
+    Returns:
+        the server's answer plus ``image`` (the datastore id used).
+    """
+    if not image_id:
+        if not image_path:
+            raise ValueError("Submitting a label needs the image id or the image file to upload")
+        ctx.progress(None, "Uploading the image to the datastore")
+        image_id = client.upload_image(image_path, cancel=ctx.cancel_token)
+    ctx.progress(None, f"Saving the label of '{image_id}' as '{tag}'")
+    answer = client.save_label(image_id, label_path, tag=tag, params=params, cancel=ctx.cancel_token)
+    answer = dict(answer or {})
+    answer.setdefault("image", image_id)
+    return answer
+
+
+def run_training(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    task: str,
+    params: Optional[Dict[str, Any]] = None,
+    poll_interval_s: float = 2.0,
+) -> TrainingOutcome:
+    """Start ``task`` on the server and follow it until it ends.
+
+    Progress comes from ``info()["train_stats"][task]`` (epoch, total_epochs, best_metric); stats
+    left over from an earlier run (same ``start_ts`` as before we started) are ignored. Cancel
+    stops the server's training (``DELETE /train/``) before the job reports ``cancelled``.
+
+    Raises:
+        TrainingFailed: when the server reports ERROR.
+        OperationCancelled: when cancelled here (training stopped) or stopped by someone else.
+    """
+    old_start = _train_stats(client, task, ctx).get("start_ts")
+    record: Dict[str, Any] = {}
+    try:
+        ctx.progress(0.0, f"Starting training '{task}'")
+        record = client.train_start(task, params, cancel=ctx.cancel_token) or {}
+        task_id = record.get("id")
+        status, stats, missing = str(record.get("status") or "SUBMITTED"), {}, 0
+        while status not in _FINAL_TASK_STATES:
+            ctx.sleep(poll_interval_s)
+            current = _find_task(client.train_status(all_tasks=True, cancel=ctx.cancel_token), task_id)
+            if current is None:
+                missing += 1
+                if missing >= 3:
+                    raise ProtocolError(f"The server lost track of training task '{task}' ({task_id})")
+                continue
+            missing, record = 0, current
+            status = str(current.get("status") or "RUNNING")
+            fresh = _train_stats(client, task, ctx)
+            if fresh.get("start_ts") != old_start:
+                stats = fresh
+            ctx.progress(training_fraction(stats), training_text(task, status, stats))
+    except OperationCancelled:
+        raise OperationCancelled(_stop_training(client, task, record)) from None
+    if status == "DONE":
+        stats = _train_stats(client, task, ctx) or stats
+        ctx.progress(1.0, training_text(task, status, stats))
+        return TrainingOutcome(task=task, status=status, stats=stats, record=record)
+    if status == "STOPPED":
+        raise OperationCancelled(f"Training '{task}' was stopped on the server")
+    raise TrainingFailed(task, status, record.get("details"))
+
+
+def _stop_training(client: MonaiLabelClient, task: str, record: Dict[str, Any]) -> str:
+    """Stop the server's training if it is ours; returns the message for the cancelled event.
+
+    The job's token is already cancelled, so these requests run without it.
+
+    Raises:
+        MedAttnClientError: when the server could not be asked to stop.
+    """
+    try:
+        running = client.train_status(check_if_running=True)
+        if not running:
+            return f"Training '{task}' cancelled (nothing was running on the server)"
+        ours = (record.get("id") and running.get("id") == record.get("id")) or (
+            (running.get("request") or {}).get("model") == task
+        )
+        if not ours:
+            return f"Training '{task}' cancelled; another training task on the server was left running"
+        client.train_stop()
+    except MedAttnClientError as error:
+        raise MedAttnClientError(
+            f"Training '{task}' was cancelled here but stopping it on the server failed: {error}"
+        ) from error
+    return f"Training '{task}' stopped on the server"
+
+
+def run_scoring(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    method: str,
+    params: Optional[Dict[str, Any]] = None,
+    poll_interval_s: float = 1.0,
+) -> Dict[str, Any]:
+    """Run a scoring method to completion and return the datastore listing with the new scores."""
+    record: Dict[str, Any] = {}
+    try:
+        ctx.progress(None, f"Scoring with '{method}'")
+        record = client.scoring_start(method, params, cancel=ctx.cancel_token) or {}
+        task_id = record.get("id")
+        status = str(record.get("status") or "SUBMITTED")
+        while status not in _FINAL_TASK_STATES:
+            ctx.sleep(poll_interval_s)
+            current = _find_task(client.scoring_status(all_tasks=True, cancel=ctx.cancel_token), task_id)
+            if current is not None:
+                record, status = current, str(current.get("status") or "RUNNING")
+                ctx.progress(None, f"Scoring '{method}': {status}")
+    except OperationCancelled:
+        try:
+            client.scoring_stop()
+        except MedAttnClientError as error:
+            raise MedAttnClientError(
+                f"Scoring '{method}' was cancelled here but stopping it on the server failed: {error}"
+            ) from error
+        raise OperationCancelled(f"Scoring '{method}' stopped on the server") from None
+    if status != "DONE":
+        raise MedAttnClientError(
+            f"Scoring '{method}' ended with status {status}: " + "; ".join(map(str, (record.get("details") or [])[-3:]))
+        )
+    return client.datastore("all", cancel=ctx.cancel_token)
+
+
+def _train_stats(client: MonaiLabelClient, task: str, ctx: JobContext) -> Dict[str, Any]:
+    stats = (client.info(cancel=ctx.cancel_token).get("train_stats") or {}).get(task) or {}
+    return dict(stats) if isinstance(stats, dict) else {}
+
+
+def _find_task(status: Any, task_id: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The record with ``task_id`` in a status answer (a list with all=true, a dict otherwise)."""
+    records: List[Any] = status if isinstance(status, list) else ([status] if status else [])
+    records = [r for r in records if isinstance(r, dict)]
+    if task_id is None:
+        return records[-1] if records else None
+    for candidate in reversed(records):
+        if candidate.get("id") == task_id:
+            return candidate
+    return None

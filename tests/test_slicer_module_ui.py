@@ -1,0 +1,284 @@
+"""Static checks of the Slicer module that need no Slicer: UI file vs code, packaging, imports."""
+
+import ast
+import os
+import py_compile
+import re
+import subprocess
+import sys
+import sysconfig
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import MedAttnSlicerLib
+from MedAttnSlicerLib import formatting, workflows
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "MedAttnSlicer"
+MODULE_PY = MODULE_DIR / "MedAttnSlicer.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedAttnSlicer.ui"
+LIB_DIR = MODULE_DIR / "MedAttnSlicerLib"
+
+#: The one table of widgets the module code uses: name -> Qt/CTK/MRML class in the .ui file.
+WIDGETS = {
+    "serverComboBox": "QComboBox",
+    "connectButton": "QPushButton",
+    "serverStatusLabel": "QLabel",
+    "appStatusLabel": "QLabel",
+    "segModelComboBox": "QComboBox",
+    "segModelCardLabel": "QLabel",
+    "clsModelComboBox": "QComboBox",
+    "clsModelCardLabel": "QLabel",
+    "strategyComboBox": "QComboBox",
+    "nextSampleButton": "QPushButton",
+    "inputVolumeSelector": "qMRMLNodeComboBox",
+    "segmentButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "cancelButton": "QPushButton",
+    "jobStatusLabel": "QLabel",
+    "predictionSegmentSelector": "qMRMLSegmentSelectorWidget",
+    "referenceComboBox": "QComboBox",
+    "referenceSegmentSelector": "qMRMLSegmentSelectorWidget",
+    "compareButton": "QPushButton",
+    "comparisonLabel": "QLabel",
+    "comparisonTable": "QTableWidget",
+    "submitSegmentationSelector": "qMRMLNodeComboBox",
+    "submitButton": "QPushButton",
+    "trainTaskComboBox": "QComboBox",
+    "maxEpochsSpinBox": "QSpinBox",
+    "trainButton": "QPushButton",
+    "stopTrainButton": "QPushButton",
+    "trainProgressBar": "QProgressBar",
+    "trainStatusLabel": "QLabel",
+    "scoringMethodComboBox": "QComboBox",
+    "scoreButton": "QPushButton",
+    "scoresTable": "QTableWidget",
+    "sliceSpinBox": "QSpinBox",
+    "classifyButton": "QPushButton",
+    "probabilityTable": "QTableWidget",
+    "saliencyOpacitySlider": "ctkSliderWidget",
+    "messageLabel": "QLabel",
+}
+
+#: Which classes support a member the code calls on ``self.ui.<name>.<member>``.
+MEMBER_CLASSES = {
+    "clicked": {"QPushButton"},
+    "currentText": {"QComboBox"},
+    "currentIndex": {"QComboBox"},
+    "currentIndexChanged": {"QComboBox"},
+    "addItem": {"QComboBox"},
+    "addItems": {"QComboBox"},
+    "setItemData": {"QComboBox"},
+    "count": {"QComboBox"},
+    "currentNode": {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"},
+    "setCurrentNode": {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"},
+    "currentNodeChanged": {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"},
+    "currentSegmentID": {"qMRMLSegmentSelectorWidget"},
+    "currentSegmentChanged": {"qMRMLSegmentSelectorWidget"},
+    "setRange": {"QProgressBar", "QSpinBox"},
+    "setValue": {"QProgressBar", "QSpinBox", "ctkSliderWidget"},
+    "value": {"QSpinBox", "ctkSliderWidget", "QProgressBar"},
+    "valueChanged": {"QSpinBox", "ctkSliderWidget"},
+    "setText": {"QLabel", "QPushButton"},
+    "setStyleSheet": None,  # any widget
+    "setVisible": None,
+    "setEnabled": None,
+    "enabled": None,
+    "clear": {"QComboBox", "QLabel", "QTableWidget"},
+}
+
+
+def _ui_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {}
+    for element in root.iter("widget"):
+        name = element.get("name")
+        assert name not in widgets, f"widget name '{name}' appears twice in {UI_FILE.name}"
+        widgets[name] = element.get("class")
+    return root, widgets
+
+
+def _code_ui_usage():
+    source = MODULE_PY.read_text()
+    names = set(re.findall(r"self\.ui\.(\w+)", source))
+    members = re.findall(r"self\.ui\.(\w+)\.(\w+)", source)
+    return source, names, members
+
+
+def test_widget_table_matches_code_and_ui_file():
+    _, ui_widgets = _ui_widgets()
+    _, used, _ = _code_ui_usage()
+    assert used == set(WIDGETS), (
+        f"code uses widgets missing from the table: {sorted(used - set(WIDGETS))}; "
+        f"table lists unused widgets: {sorted(set(WIDGETS) - used)}"
+    )
+    for name, expected in WIDGETS.items():
+        assert name in ui_widgets, f"self.ui.{name} is not defined in {UI_FILE.name}"
+        assert ui_widgets[name] == expected, f"{name} is a {ui_widgets[name]} in the .ui, the code needs {expected}"
+
+
+def test_members_used_exist_on_the_widget_classes():
+    _, members = _code_ui_usage()[1:]
+    unknown = sorted({member for _, member in members if member not in MEMBER_CLASSES})
+    assert not unknown, f"add these members to MEMBER_CLASSES with the classes that have them: {unknown}"
+    for name, member in members:
+        allowed = MEMBER_CLASSES[member]
+        if allowed is not None:
+            assert WIDGETS[name] in allowed, f"self.ui.{name}.{member}: a {WIDGETS[name]} has no '{member}'"
+
+
+def test_tables_and_mrml_widgets_are_wired():
+    root, ui_widgets = _ui_widgets()
+    source = MODULE_PY.read_text()
+    for table in re.findall(r"_(?:fill|setup)Table\(self\.ui\.(\w+)", source):
+        assert ui_widgets[table] == "QTableWidget"
+    assert root.find("class").text == "MedAttnSlicer"
+    top = root.find("widget")
+    assert (top.get("class"), top.get("name")) == ("qMRMLWidget", "MedAttnSlicer")
+    declared = {c.find("class").text for c in root.iter("customwidget")}
+    custom = {cls for cls in ui_widgets.values() if not cls.startswith("Q")}
+    assert custom <= declared, f"undeclared custom widgets: {custom - declared}"
+    # MRML widgets only see nodes when the scene reaches them through mrmlSceneChanged.
+    receivers = {
+        c.find("receiver").text
+        for c in root.iter("connection")
+        if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"
+        and c.find("sender").text == "MedAttnSlicer"
+    }
+    mrml = {name for name, cls in ui_widgets.items() if cls.startswith("qMRML") and name != "MedAttnSlicer"}
+    assert mrml == receivers, f"MRML widgets without a scene connection: {mrml - receivers}"
+    node_types = {
+        w.get("name"): [s.text for s in w.findall("property[@name='nodeTypes']/stringlist/string")]
+        for w in root.iter("widget")
+        if w.get("class") == "qMRMLNodeComboBox"
+    }
+    assert node_types == {
+        "inputVolumeSelector": ["vtkMRMLScalarVolumeNode"],
+        "submitSegmentationSelector": ["vtkMRMLSegmentationNode"],
+    }
+
+
+def test_module_compiles_and_defines_slicer_classes(tmp_path):
+    for path in [MODULE_PY, *sorted(LIB_DIR.glob("*.py"))]:
+        py_compile.compile(str(path), doraise=True, cfile=str(tmp_path / (path.name + "c")))
+        # Slicer 5.0-5.8 embed Python 3.9: no newer syntax.
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+    tree = ast.parse(MODULE_PY.read_text())
+    bases = {
+        node.name: [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
+    assert bases["MedAttnSlicer"] == ["ScriptedLoadableModule"]
+    assert bases["MedAttnSlicerWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["MedAttnSlicerLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["MedAttnSlicerTest"] == ["ScriptedLoadableModuleTest"]
+    source = MODULE_PY.read_text()
+    for call in ("slicer.util.loadUI(", "slicer.util.childWidgetVariables(", "qt.QTimer()", "qt.QSettings()",
+                 "slicer.util.saveNode(", "slicer.util.arrayFromVolume(", "slicer.util.errorDisplay("):
+        assert call in source, f"MedAttnSlicer.py should use {call}"
+
+
+def test_module_uses_only_names_the_lib_defines():
+    tree = ast.parse(MODULE_PY.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "MedAttnSlicerLib":
+            for alias in node.names:
+                assert hasattr(MedAttnSlicerLib, alias.name) or alias.name in ("formatting", "workflows"), alias.name
+    for module, name in re.findall(r"\b(formatting|workflows)\.(\w+)", MODULE_PY.read_text()):
+        assert hasattr({"formatting": formatting, "workflows": workflows}[module], name), f"{module}.{name}"
+
+
+def test_lib_imports_without_slicer_and_only_stdlib_and_numpy():
+    script = f"""
+import sys, importlib, pkgutil
+for blocked in ("slicer", "qt", "vtk", "ctk", "requests", "torch", "monai", "SimpleITK"):
+    sys.modules[blocked] = None  # any import of these now raises ImportError
+before = set(sys.modules)  # what the interpreter itself loaded at start-up (site, .pth hooks)
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import MedAttnSlicerLib
+for info in pkgutil.iter_modules(MedAttnSlicerLib.__path__):
+    importlib.import_module("MedAttnSlicerLib." + info.name)
+for name in sorted(set(sys.modules) - before):
+    module = sys.modules[name]
+    if module is not None:
+        print(name, getattr(module, "__file__", None) or "")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    stdlib_dirs = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")}
+    numpy_dir = os.path.realpath(os.path.dirname(np.__file__))
+    offenders = []
+    for line in output.splitlines():
+        name, _, path = line.partition(" ")
+        top = name.split(".")[0]
+        if not path and (top in sys.builtin_module_names or top == "cython_runtime" or top.startswith("_cython_")):
+            continue  # compiled-in modules, and the Cython runtime of numpy's extensions
+        if top in sys.stdlib_module_names or top in ("numpy", "MedAttnSlicerLib"):
+            real = os.path.realpath(path) if path else ""
+            if not real and top in sys.stdlib_module_names:
+                continue
+            if top == "numpy" and real.startswith(numpy_dir):
+                continue
+            if top == "MedAttnSlicerLib" and real.startswith(str(LIB_DIR)):
+                continue
+            if any(real.startswith(d) for d in stdlib_dirs):
+                continue
+        offenders.append(line)
+    assert not offenders, f"MedAttnSlicerLib pulled in non-stdlib modules: {offenders}"
+    assert "MedAttnSlicerLib.workflows" in output and "urllib.request" in output
+
+
+def _cmake_list(text, variable):
+    match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} is not set"
+    return [item.replace("${MODULE_NAME}", "MedAttnSlicer") for item in match.group(1).split() if not item.startswith("#")]
+
+
+def test_module_cmakelists_lists_every_file():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    listed = _cmake_list(text, "MODULE_PYTHON_SCRIPTS") + _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    on_disk = {
+        str(path.relative_to(MODULE_DIR))
+        for path in MODULE_DIR.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.name != "CMakeLists.txt"
+    }
+    assert set(listed) == on_disk, f"not listed: {sorted(on_disk - set(listed))}; missing: {sorted(set(listed) - on_disk)}"
+    assert len(listed) == len(set(listed))
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
+    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
+
+
+def test_extension_cmakelists_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), f"EXTENSION_{key} missing or empty"
+    ordered = [
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(MedAttnSlicer)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ]
+    positions = [text.find(line) for line in ordered]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
+    assert re.search(r"^project\(MedAttnSlicer\)", text, re.M)
+
+
+def test_icon_is_a_128px_png():
+    icon = Image.open(MODULE_DIR / "Resources" / "Icons" / "MedAttnSlicer.png")
+    assert icon.format == "PNG" and icon.size == (128, 128)
+    pixels = np.asarray(icon.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a drawing, not a flat square
+
+
+@pytest.mark.parametrize("name", sorted(WIDGETS))
+def test_every_widget_has_a_name_in_code_with_handlers(name):
+    # Buttons must be connected to a handler, or they do nothing.
+    if WIDGETS[name] == "QPushButton":
+        assert re.search(rf"self\.ui\.{name}\.clicked\.connect\(self\.\w+\)", MODULE_PY.read_text()), name
