@@ -1,0 +1,132 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""HCT (Taha et al. 2022): parameter counts of the paper's network and the GMIC baseline, block wiring, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks.blocks.nystrom_attention import NystromAttention
+from networks.blocks.performer_attention import PerformerAttention
+from networks.nets.hct import HCT, HCT_ATTENTIONS, AttentionConvBlock, MultiheadSelfAttention, PreActBasicBlock
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # two OpenMP threads on a shared, loaded 2-core machine spin against each other: one thread is faster here
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("attention", HCT_ATTENTIONS)
+def test_paper_parameter_count(attention):
+    assert count_parameters(HCT(attention=attention)) == 1_737_010
+
+
+def test_gmic_baseline_parameter_count():
+    model = HCT(attention_stages=())
+    assert count_parameters(model) == 2_800_050
+    assert not any(isinstance(m, AttentionConvBlock) for m in model.modules())
+
+
+def test_attention_blocks_sit_in_the_last_two_stages():
+    model = HCT()
+    kinds = [[type(block) for block in stage] for stage in model.stages]
+    assert kinds[:3] == [[PreActBasicBlock] * 2] * 3
+    assert kinds[3:] == [[AttentionConvBlock] * 2] * 2
+    widths = [block.attention.head_dim * block.attention.heads for stage in model.stages[3:] for block in stage]
+    assert widths == [64, 128, 128, 256]  # the attention runs on each AC block's input width
+    assert [block.attention.num_features for stage in model.stages[3:] for block in stage] == [16, 44, 44, 110]
+
+
+def _randomise_batch_norms(module):
+    generator = torch.Generator().manual_seed(3)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+
+
+def test_attention_conv_block_follows_its_equation():
+    torch.manual_seed(0)
+    attention = PerformerAttention(16, heads=4, kernel="relu")
+    block = AttentionConvBlock(2, 16, 32, attention, stride=2, downsample=True).eval()
+    _randomise_batch_norms(block)
+    x = torch.randn(2, 16, 6, 5)
+    with torch.no_grad():
+        activated = F.relu(block.bn1(x))
+        tokens = activated.flatten(2).transpose(1, 2)
+        attended = attention(tokens).transpose(1, 2).reshape(x.shape) + x
+        expected = block.conv(F.relu(block.bn2(attended))) + block.downsample(activated)
+        torch.testing.assert_close(block(x), expected)
+        assert block(x).shape == (2, 32, 3, 3)
+    with pytest.raises(ValueError, match="downsample"):
+        AttentionConvBlock(2, 16, 32, attention, stride=1, downsample=False)
+
+
+def test_pre_activation_block_follows_its_equation():
+    torch.manual_seed(0)
+    block = PreActBasicBlock(2, 8, 8).eval()
+    _randomise_batch_norms(block)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        expected = block.conv2(F.relu(block.bn2(block.conv1(F.relu(block.bn1(x)))))) + x
+        torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("attention", HCT_ATTENTIONS)
+def test_forward_backward_each_attention(attention):
+    torch.manual_seed(0)
+    model = HCT(attention=attention, channels=(8, 8, 16, 16, 32), heads=4, out_channels=3)
+    x = torch.randn(2, 1, 160, 128)  # 5x4 tokens in the first AC block
+    logits = model(x)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    attention_modules = [
+        m for m in model.modules() if isinstance(m, (PerformerAttention, NystromAttention, MultiheadSelfAttention))
+    ]
+    assert len(attention_modules) == 4
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in attention_modules for p in m.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # dropout is off in eval mode
+
+
+def test_redraw_projections_changes_performer_outputs():
+    torch.manual_seed(0)
+    model = HCT(channels=(8, 8, 16, 16, 32), heads=4).eval()
+    x = torch.randn(1, 1, 128, 128)
+    with torch.no_grad():
+        before = model(x)
+        assert model.redraw_projections(torch.Generator().manual_seed(5)) == 4
+        assert not torch.allclose(model(x), before)
+    assert HCT(attention="nystrom", channels=(8, 8, 16, 16, 32), heads=4).redraw_projections() == 0
+
+
+def test_three_dimensional_input():
+    torch.manual_seed(0)
+    model = HCT(spatial_dims=3, channels=(4, 4, 8, 8, 8), heads=2, attention="performer_relu").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64, 64)).shape == (1, 2)  # 2x2x2 voxel tokens in the first AC block
+
+
+def test_invalid_configurations_and_inputs():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        HCT(attention="linformer")
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        HCT(channels=(6, 6, 6, 6, 6))
+    with pytest.raises(ValueError, match="attention_stages"):
+        HCT(attention_stages=(5,))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        HCT(blocks=(2, 2))
+    with pytest.raises(ValueError, match="expected input"):
+        HCT(channels=(8, 8, 16, 16, 32))(torch.randn(1, 3, 64, 64))

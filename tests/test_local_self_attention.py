@@ -1,0 +1,271 @@
+"""Local self-attention (SASA) core and layer: exactness against a per-pixel loop, gradients, errors, memory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from networks.blocks.local_self_attention import (
+    ATTENTION_BACKENDS,
+    LocalSelfAttention,
+    local_attention_torch,
+    register_attention_backend,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs, which dominate on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def reference_attention(q, k, v, rel, kernel_size, heads):
+    """The SASA equation, one pixel, head and neighbour at a time; out-of-image keys and values are zero."""
+    batch, channels, *spatial = q.shape
+    head_dim = channels // heads
+    radius = kernel_size // 2
+    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
+    out = torch.zeros_like(v)
+    for b in range(batch):
+        for p in itertools.product(*(range(s) for s in spatial)):
+            for h in range(heads):
+                cs = slice(h * head_dim, (h + 1) * head_dim)
+                logits, values = [], []
+                for n, offset in enumerate(offsets):
+                    nb = tuple(pi + oi for pi, oi in zip(p, offset))
+                    inside = all(0 <= i < s for i, s in zip(nb, spatial))
+                    key = k[(b, cs) + nb] if inside else torch.zeros(head_dim, dtype=q.dtype)
+                    value = v[(b, cs) + nb] if inside else torch.zeros(head_dim, dtype=q.dtype)
+                    logits.append(torch.dot(q[(b, cs) + p], key + rel[n, cs]))
+                    values.append(value)
+                weights = torch.softmax(torch.stack(logits), dim=0)
+                out[(b, cs) + p] = (weights[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel_size, heads",
+    [((5, 6), 3, 1), ((5, 6), 5, 2), ((3, 2), 5, 1), ((3, 4, 5), 3, 2), ((3, 3, 4), 5, 1), ((4, 3), 1, 2)],
+)
+def test_core_matches_per_pixel_reference(spatial, kernel_size, heads):
+    torch.manual_seed(0)
+    channels = 4
+    q, k, v = (torch.randn(2, channels, *spatial, dtype=torch.float64) for _ in range(3))
+    rel = torch.randn(kernel_size ** len(spatial), channels, dtype=torch.float64)
+    expected = reference_attention(q, k, v, rel, kernel_size, heads)
+    got = local_attention_torch(q, k, v, rel, kernel_size, heads)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_core_channel_chunking_matches_reference(monkeypatch, heads):
+    """Large inputs sum q * k in channel chunks; force that path with a tiny temporary budget."""
+    import networks.blocks.local_self_attention as lsa
+
+    monkeypatch.setattr(lsa, "_PRODUCT_BUDGET_ELEMENTS", 40)
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 6, 4, 5, dtype=torch.float64) for _ in range(3)]
+    inputs.append(torch.randn(9, 6, dtype=torch.float64))
+    upstream = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    results = []
+    for fn in (local_attention_torch, reference_attention):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves, 3, heads)
+        (out * upstream).sum().backward()
+        results.append([out] + [leaf.grad for leaf in leaves])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_core_accepts_non_contiguous_inputs():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 5, 4, dtype=torch.float64).transpose(2, 3) for _ in range(3))
+    rel = torch.randn(9, 6, dtype=torch.float64)
+    torch.testing.assert_close(local_attention_torch(q, k, v, rel, 3, 3), reference_attention(q, k, v, rel, 3, 3))
+
+
+@pytest.mark.parametrize("shape, kernel_size, heads", [((2, 4, 4, 5), 3, 2), ((1, 3, 3, 2, 3), 5, 1)])
+def test_core_gradients_match_autograd_of_reference(shape, kernel_size, heads):
+    """The hand-written backward equals autograd through the per-pixel reference, for q, k, v and rel."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(*shape, dtype=torch.float64) for _ in range(3)]
+    inputs.append(torch.randn(kernel_size ** (len(shape) - 2), shape[1], dtype=torch.float64))
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for fn in (local_attention_torch, reference_attention):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        (fn(*leaves, kernel_size, heads) * upstream).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for name, got, expected in zip("q k v rel".split(), *grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_core_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rel = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: local_attention_torch(*t, 3, 2), (q, k, v, rel), fast_mode=True)
+
+
+def test_layer_relative_embedding_layout_and_output():
+    """The layer equals the reference on its own projections, with rel[n, c] = rel_g[c - start_g, o_g(n) + k//2]."""
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(3, in_channels=2, out_channels=8, kernel_size=3, heads=2).double()
+    assert [tuple(getattr(layer, f"rel_{a}").shape) for a in range(3)] == [(2, 3), (2, 3), (4, 3)]
+    rel = layer.relative_embedding()
+    assert rel.shape == (27, 8)
+    starts = [0, 2, 4, 8]
+    for n, offset in enumerate(itertools.product((-1, 0, 1), repeat=3)):
+        for axis in range(3):
+            table = getattr(layer, f"rel_{axis}")
+            torch.testing.assert_close(rel[n, starts[axis] : starts[axis + 1]], table[:, offset[axis] + 1])
+
+    x = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64)
+    expected = reference_attention(layer.query(x), layer.key(x), layer.value(x), rel, 3, 2)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_layer_2d_shapes_parameters_and_gradients():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(2, in_channels=3, out_channels=6, kernel_size=5, heads=3)
+    assert [tuple(getattr(layer, f"rel_{a}").shape) for a in range(2)] == [(3, 5), (3, 5)]
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 3 * 6 + 6 * 5
+    x = torch.randn(2, 3, 7, 9, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 6, 7, 9)
+    y.square().mean().backward()
+    for name, param in list(layer.named_parameters()) + [("x", x)]:
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_kernel_size_one_is_the_value_projection():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(2, in_channels=5, out_channels=2, kernel_size=1)
+    x = torch.randn(2, 5, 6, 6)
+    torch.testing.assert_close(layer(x), layer.value(x))
+    # in 3D a 1-wide window accepts fewer channels than axes (SaDNN's 3D output layer with 2 classes)
+    layer3d = LocalSelfAttention(3, in_channels=4, out_channels=2, kernel_size=1)
+    x3d = torch.randn(1, 4, 2, 3, 4)
+    torch.testing.assert_close(layer3d(x3d), layer3d.value(x3d))
+
+
+def test_backend_dispatch():
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(2, in_channels=2, out_channels=4, kernel_size=3, heads=2).double()
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    expected = layer(x)
+    register_attention_backend("per_pixel_reference", reference_attention)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_attention_backend("per_pixel_reference", reference_attention)
+        layer.backend = "per_pixel_reference"
+        torch.testing.assert_close(layer(x), expected)
+        layer.backend = "no_such_backend"
+        with pytest.raises(ValueError, match="unknown attention backend 'no_such_backend'"):
+            layer(x)
+    finally:
+        ATTENTION_BACKENDS.pop("per_pixel_reference", None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"spatial_dims": 1, "in_channels": 2, "out_channels": 4}, "spatial_dims"),
+        ({"spatial_dims": 2, "in_channels": 2, "out_channels": 4, "kernel_size": 4}, "odd"),
+        ({"spatial_dims": 2, "in_channels": 2, "out_channels": 4, "kernel_size": 0}, "odd"),
+        ({"spatial_dims": 2, "in_channels": 2, "out_channels": 6, "heads": 4}, "divisible by heads"),
+        ({"spatial_dims": 3, "in_channels": 2, "out_channels": 2}, "out_channels"),
+        ({"spatial_dims": 2, "in_channels": 0, "out_channels": 4}, "in_channels"),
+    ],
+)
+def test_layer_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LocalSelfAttention(**kwargs)
+
+
+def test_forward_and_core_input_errors():
+    layer = LocalSelfAttention(2, in_channels=3, out_channels=4)
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(1, 3, 8, 8, 8))
+    q = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="rel must have shape"):
+        local_attention_torch(q, q, q, torch.randn(8, 4), 3, 1)
+    with pytest.raises(ValueError, match="same shape"):
+        local_attention_torch(q, q, torch.randn(1, 4, 5, 4), torch.randn(9, 4), 3, 1)
+    with pytest.raises(ValueError, match="heads"):
+        local_attention_torch(q, q, q, torch.randn(9, 4), 3, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        local_attention_torch(q, q, q, torch.randn(9, 4), 2, 1)
+    with pytest.raises(ValueError, match="2 or 3 spatial dims"):
+        local_attention_torch(q[0], q[0], q[0], torch.randn(3, 5), 3, 1)
+
+
+# Peak memory of one no-grad forward, measured in a fresh interpreter so nothing else in the test process counts.
+# Linux keeps the peak resident set size (VmHWM); writing "5" to /proc/self/clear_refs resets it to the current
+# RSS. The baseline is the RSS after importing, warming up on a small input and allocating the 512 x 512 input;
+# the growth is VmHWM after the forward minus that baseline. Where clear_refs is not writable, ru_maxrss (the
+# lifetime peak) is used instead, which can only overestimate the growth.
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, torch
+    from networks.blocks.local_self_attention import LocalSelfAttention
+
+    def status_bytes(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(key + " missing from /proc/self/status")
+
+    torch.manual_seed(0)
+    layer = LocalSelfAttention(2, 64, 64, kernel_size=3).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 64, 32, 32))
+    x = torch.randn(1, 64, 512, 512)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss"
+    baseline = status_bytes("VmRSS")
+    with torch.no_grad():
+        y = layer(x)
+    if method == "ru_maxrss":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:
+        peak = status_bytes("VmHWM")
+    print(json.dumps({"growth": peak - baseline, "input": x.numel() * x.element_size(),
+                      "output": y.numel() * y.element_size(), "shape": list(y.shape), "method": method}))
+    """
+)
+
+
+def test_forward_peak_memory_within_three_times_input_plus_output():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["shape"] == [1, 64, 512, 512]
+    budget = 3 * (report["input"] + report["output"])
+    # the output itself must be resident, so a growth below it would mean the measurement is broken
+    assert report["output"] <= report["growth"] <= budget, report
