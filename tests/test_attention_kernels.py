@@ -1,0 +1,444 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Fused C++ local-attention cores (torch.ops.medattn): exactness, INT8 agreement, errors, TorchScript, build lock.
+
+The first test to need the kernels compiles them (about 40 s on 2 shared cores, once per machine: the library is
+cached under ~/.cache/medattn_kernels); later sessions load the cached library in well under a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks.blocks.local_self_attention import local_attention_torch
+from networks.kernels import (
+    kernel_implementations,
+    kernel_library_path,
+    load_kernels,
+    local_attention_fused,
+    local_attention_fused_int8,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """Build (first time on this machine) and load the op library once for the whole module."""
+    load_kernels()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP hand-offs would dominate on a shared 2-core machine
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+
+
+def reference_attention(q, k, v, rel, kernel_size, heads):
+    """The contract evaluated one pixel, head and neighbour at a time in float64; zero keys/values off the image."""
+    q, k, v, rel = (t.double() for t in (q, k, v, rel))
+    batch, channels, *spatial = q.shape
+    head_dim = channels // heads
+    radius = kernel_size // 2
+    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
+    zeros = torch.zeros(head_dim, dtype=torch.float64)
+    out = torch.zeros_like(v)
+    for b in range(batch):
+        for p in itertools.product(*(range(s) for s in spatial)):
+            for h in range(heads):
+                cs = slice(h * head_dim, (h + 1) * head_dim)
+                logits, values = [], []
+                for n, offset in enumerate(offsets):
+                    nb = tuple(pi + oi for pi, oi in zip(p, offset))
+                    inside = all(0 <= i < s for i, s in zip(nb, spatial))
+                    key = k[(b, cs) + nb] if inside else zeros
+                    values.append(v[(b, cs) + nb] if inside else zeros)
+                    logits.append(torch.dot(q[(b, cs) + p], key + rel[n, cs]))
+                weights = torch.softmax(torch.stack(logits), dim=0)
+                out[(b, cs) + p] = (weights[:, None] * torch.stack(values)).sum(0)
+    return out.float()
+
+
+def reference_attention_int8(q, k, v, rel, kernel_size, heads):
+    """The INT8 kernel's documented arithmetic, per pixel: exact integer q.k on the raw bytes, rel in 16-bit fixed
+    point per neighbour, float softmax, weights rounded to 8 bits relative to the largest and normalised by their
+    integer sum, integer weighted sum of the raw values. Off-image keys / values are their zero points (real 0)."""
+    zq, zk, zv = q.q_zero_point(), k.q_zero_point(), v.q_zero_point()
+    sq, sk, sv = q.q_scale(), k.q_scale(), v.q_scale()
+    qi, ki, vi = (t.int_repr().long() for t in (q, k, v))
+    batch, channels, *spatial = q.shape
+    head_dim = channels // heads
+    radius = kernel_size // 2
+    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
+    rel_scale = rel.abs().amax(dim=1) / (127 * 256 + 127)
+    rel_scale = torch.where(rel_scale > 0, rel_scale, torch.ones_like(rel_scale))
+    rel16 = torch.round(rel / rel_scale[:, None]).long()
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        for p in itertools.product(*(range(s) for s in spatial)):
+            for h in range(heads):
+                cs = slice(h * head_dim, (h + 1) * head_dim)
+                qp = qi[(b, cs) + p]
+                logits, values = [], []
+                for n, offset in enumerate(offsets):
+                    nb = tuple(pi + oi for pi, oi in zip(p, offset))
+                    inside = all(0 <= i < s for i, s in zip(nb, spatial))
+                    qk = int(((qp - zq) * (ki[(b, cs) + nb] - zk)).sum()) if inside else 0
+                    qrel = int(((qp - zq) * rel16[n, cs]).sum())
+                    logits.append(sq * sk * qk + sq * float(rel_scale[n]) * qrel)
+                    values.append(vi[(b, cs) + nb] - zv if inside else torch.zeros(head_dim, dtype=torch.long))
+                logits = torch.tensor(logits, dtype=torch.float64)
+                weights = torch.round(torch.exp(logits - logits.max()) * 255).long()
+                out[(b, cs) + p] = sv * (weights[:, None] * torch.stack(values)).sum(0).double() / weights.sum()
+    return out.float()
+
+
+def random_inputs(shape, kernel_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=generator) for _ in range(3))
+    rel = torch.randn(kernel_size ** (len(shape) - 2), shape[1], generator=generator)
+    return q, k, v, rel
+
+
+def quantize_min_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor affine quint8 with the scale and zero point of the tensor's range (always including 0)."""
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = max(hi - lo, 1e-8) / 255
+    return torch.quantize_per_tensor(x, scale, int(round(-lo / scale)), torch.quint8)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP32 kernel
+
+CASES = [
+    # (B, C, *spatial), kernel_size, heads: 2D and 3D, odd sizes, batch > 1, window larger than the image,
+    # rows spanning several 16-pixel tiles with a ragged tail, head widths that are not multiples of 4 or 8
+    ((2, 4, 5, 7), 1, 1),
+    ((2, 4, 5, 7), 3, 1),
+    ((2, 4, 5, 7), 3, 2),
+    ((2, 4, 5, 7), 5, 1),
+    ((2, 4, 5, 7), 5, 2),
+    ((1, 6, 3, 37), 3, 2),
+    ((2, 16, 4, 19), 3, 1),
+    ((1, 12, 3, 21), 5, 3),
+    ((2, 4, 3, 4, 5), 1, 2),
+    ((2, 4, 3, 4, 5), 3, 1),
+    ((2, 4, 3, 4, 5), 3, 2),
+    ((1, 8, 2, 3, 17), 5, 2),
+]
+
+
+@pytest.mark.parametrize("shape, kernel_size, heads", CASES)
+def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads):
+    q, k, v, rel = random_inputs(shape, kernel_size)
+    expected = reference_attention(q, k, v, rel, kernel_size, heads)
+    fused = local_attention_fused(q, k, v, rel, kernel_size, heads)
+    portable = torch.ops.medattn._local_attention_portable(q, k, v, rel, kernel_size, heads)
+    torch_core = local_attention_torch(q, k, v, rel, kernel_size, heads)
+    assert fused.shape == shape and fused.dtype == torch.float32 and fused.is_contiguous()
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(portable, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, torch_core, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_kernel_on_larger_images_matches_torch_core():
+    # many tiles and rows, two threads (each owns a contiguous range of rows and its own row cache)
+    for shape, kernel_size, heads in [((3, 24, 29, 70), 3, 2), ((2, 8, 6, 9, 35), 3, 1), ((1, 16, 20, 47), 7, 1)]:
+        q, k, v, rel = random_inputs(shape, kernel_size, seed=1)
+        expected = local_attention_torch(q, k, v, rel, kernel_size, heads)
+        single = local_attention_fused(q, k, v, rel, kernel_size, heads)
+        torch.set_num_threads(2)
+        try:
+            threaded = local_attention_fused(q, k, v, rel, kernel_size, heads)
+        finally:
+            torch.set_num_threads(1)
+        torch.testing.assert_close(single, expected, rtol=1e-5, atol=2e-5)
+        assert torch.equal(single, threaded)
+
+
+def test_fp32_kernel_reads_non_contiguous_inputs():
+    q, k, v, rel = random_inputs((2, 8, 9, 11), 3)
+    expected = local_attention_fused(q, k, v, rel, 3, 2)
+    got = local_attention_fused(channels_last(q), k.transpose(2, 3).contiguous().transpose(2, 3), v, rel, 3, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_kernel_reports_its_implementations():
+    implementations = kernel_implementations()
+    assert set(implementations) == {"fp32", "int8"}
+    assert implementations["fp32"] in {"avx512", "portable"}
+    assert implementations["int8"] in {"avx512_vnni", "portable"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# INT8 kernel
+
+INT8_CASES = [
+    ((2, 4, 5, 7), 3, 1),
+    ((2, 8, 5, 7), 5, 2),
+    ((1, 6, 3, 37), 3, 2),  # head width 3: channel groups padded to 4
+    ((2, 16, 4, 19), 3, 1),
+    ((1, 12, 3, 21), 5, 3),
+    ((2, 4, 3, 4, 5), 3, 2),
+    ((1, 8, 2, 3, 17), 5, 2),
+    ((1, 64, 3, 20), 3, 1),  # 16 channel groups: one full register transpose
+]
+
+
+@pytest.mark.parametrize("shape, kernel_size, heads", INT8_CASES)
+def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads):
+    q, k, v, rel = random_inputs(shape, kernel_size, seed=2)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q * 0.6 + 0.2, k * 0.8 - 0.1, v))
+    got = local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads)
+    portable = torch.ops.medattn._local_attention_int8_portable(qq, kq, vq, rel, kernel_size, heads)
+    expected = reference_attention_int8(qq, kq, vq, rel, kernel_size, heads)
+    assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous()
+    # float32 vs float64 logits can move a weight across a rounding boundary: at most one weight LSB (1/255 of
+    # the largest weight) times the value range, and rarely
+    one_lsb = 2 * vq.dequantize().abs().max().item() / 255
+    for result in (got, portable):
+        error = (result - expected).abs()
+        assert error.max().item() <= one_lsb
+        assert (error > 1e-5).float().mean().item() < 0.01  # measured: none
+    torch.testing.assert_close(got, portable, rtol=1e-5, atol=1e-5)
+    # and the INT8 arithmetic stays close to the float contract on the same (dequantized) inputs
+    float_reference = reference_attention(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
+    assert (got - float_reference).abs().max().item() <= 0.05 * float_reference.abs().max().item()
+
+
+def test_int8_kernel_accepts_any_memory_format_and_kernel_size_one():
+    q, k, v, rel = random_inputs((2, 8, 6, 10), 3, seed=3)
+    qq, kq, vq = (quantize_min_max(t) for t in (q, k, v))  # NCHW quantized tensors are repacked once
+    nchw = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
+    nhwc = local_attention_fused_int8(channels_last(qq), channels_last(kq), channels_last(vq), rel, 3, 2)
+    torch.testing.assert_close(nchw, nhwc, rtol=0, atol=0)
+    # a one-pixel window: softmax over a single neighbour is 1, so the output is v itself
+    single = local_attention_fused_int8(qq, kq, vq, rel[4:5], 1, 2)
+    torch.testing.assert_close(single, vq.dequantize(), rtol=0, atol=0)
+
+
+def test_int8_kernel_on_larger_images_with_two_threads():
+    q, k, v, rel = random_inputs((3, 32, 23, 70), 3, seed=4)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    single = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
+    portable = torch.ops.medattn._local_attention_int8_portable(qq, kq, vq, rel, 3, 2)
+    torch.set_num_threads(2)
+    try:
+        threaded = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(single, threaded)
+    torch.testing.assert_close(single, portable, rtol=1e-5, atol=1e-5)
+
+
+def smooth_features(batch: int, in_channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Band-limited random images and simple nonlinear features of them, like an early network layer sees."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, 1, height, width, generator=generator)
+    taps = torch.exp(-torch.arange(-6, 7, dtype=torch.float32) ** 2 / 8)
+    taps = taps / taps.sum()
+    image = F.conv2d(F.pad(noise, (6, 6, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
+    image = F.conv2d(F.pad(image, (0, 0, 6, 6), mode="reflect"), taps.view(1, 1, -1, 1))
+    image = (image - image.mean()) / image.std()
+    features = [image, F.relu(image), torch.tanh(2 * image), torch.sin(3 * image)]
+    return torch.cat(features * math.ceil(in_channels / 4), dim=1)[:, :in_channels]
+
+
+def quantized_projection(features: torch.Tensor, out_channels: int, seed: int):
+    """A bias-free 1x1 conv in float and its FBGEMM/x86 quantized version (per-channel weights, min/max scales)."""
+    from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
+
+    generator = torch.Generator().manual_seed(seed)
+    in_channels = features.shape[1]
+    weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator) / math.sqrt(in_channels)
+    float_out = F.conv2d(features, weight)
+    weight_scale = weight.abs().amax(dim=(1, 2, 3)) / 127
+    qweight = torch.quantize_per_channel(weight, weight_scale, torch.zeros(out_channels, dtype=torch.long), 0,
+                                         torch.qint8)
+    conv = QuantizedConv2d(in_channels, out_channels, 1, bias=False)
+    conv.set_weight_bias(qweight, None)
+    reference = quantize_min_max(float_out)
+    conv.scale, conv.zero_point = reference.q_scale(), reference.q_zero_point()
+    return float_out, conv(quantize_min_max(features))
+
+
+@pytest.mark.parametrize("channels, kernel_size, heads", [(32, 3, 1), (32, 3, 2), (16, 5, 1)])
+def test_int8_kernel_agrees_with_fp32_kernel_on_quantized_convolution_outputs(channels, kernel_size, heads):
+    previous_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    try:
+        features = smooth_features(2, 8, 40, 53, seed=5)
+        (q, qq), (k, kq), (v, vq) = (quantized_projection(features, channels, seed) for seed in (6, 7, 8))
+    finally:
+        torch.backends.quantized.engine = previous_engine
+    assert qq.dtype == torch.quint8 and qq.is_contiguous(memory_format=torch.channels_last)
+    rel = torch.randn(kernel_size**2, channels, generator=torch.Generator().manual_seed(9))
+    got = local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads)
+    on_dequantized = local_attention_fused(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
+    on_float = local_attention_fused(q, k, v, rel, kernel_size, heads)
+    output_scale = on_float.abs().max().item()
+    # the kernel's own approximations (16-bit rel, 8-bit softmax weights): measured <= 0.5 % of the output scale
+    assert (got - on_dequantized).abs().max().item() <= 0.01 * output_scale
+    # end to end, including the quantization of q, k and v (measured RMS 0.2-0.4 % of the output scale)
+    assert (got - on_float).pow(2).mean().sqrt().item() <= 0.02 * output_scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors and autograd
+
+
+def test_wrong_inputs_raise_clear_errors():
+    q, k, v, rel = random_inputs((1, 4, 5, 6), 3)
+    qq, kq, vq = (quantize_min_max(t) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match="quint8"):
+        local_attention_fused_int8(q, k, v, rel, 3, 1)
+    with pytest.raises(RuntimeError, match="local_attention_int8"):
+        local_attention_fused(qq, kq, vq, rel, 3, 1)
+    with pytest.raises(RuntimeError, match="float32"):
+        local_attention_fused(q.double(), k.double(), v.double(), rel, 3, 1)
+    with pytest.raises(RuntimeError, match="quint8"):
+        signed = torch.quantize_per_tensor(q, 0.1, 0, torch.qint8)
+        local_attention_fused_int8(signed, kq, vq, rel, 3, 1)
+    with pytest.raises(RuntimeError, match="per tensor"):
+        per_channel = torch.quantize_per_channel(q, torch.full((4,), 0.1), torch.zeros(4, dtype=torch.long), 1,
+                                                 torch.quint8)
+        local_attention_fused_int8(per_channel, kq, vq, rel, 3, 1)
+    with pytest.raises(RuntimeError, match="rel must have shape"):
+        local_attention_fused(q, k, v, rel[:8], 3, 1)
+    with pytest.raises(RuntimeError, match="odd"):
+        local_attention_fused(q, k, v, rel, 2, 1)
+    with pytest.raises(RuntimeError, match="heads"):
+        local_attention_fused(q, k, v, rel, 3, 3)
+    with pytest.raises(RuntimeError, match="same shape"):
+        local_attention_fused(q, k[:, :, :4], v, rel, 3, 1)
+    with pytest.raises(RuntimeError, match="2 or 3 spatial dims"):
+        local_attention_fused(q[0], k[0], v[0], rel, 3, 1)
+
+
+def test_inference_only_kernels_refuse_inputs_that_require_grad():
+    q, k, v, rel = random_inputs((1, 4, 5, 6), 3)
+    rel.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        local_attention_fused(q, k, v, rel, 3, 1)
+    qq, kq, vq = (quantize_min_max(t) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        local_attention_fused_int8(qq, kq, vq, rel, 3, 1)
+    with torch.no_grad():
+        out = local_attention_fused(q, k, v, rel, 3, 1)
+    assert not out.requires_grad
+    with torch.inference_mode():
+        local_attention_fused_int8(qq, kq, vq, rel, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TorchScript
+
+
+class _AttentionCore(torch.nn.Module):
+    def __init__(self, kernel_size: int, heads: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.heads = heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        return local_attention_fused(q, k, v, rel, self.kernel_size, self.heads)
+
+
+class _Int8AttentionCore(_AttentionCore):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        return local_attention_fused_int8(q, k, v, rel, self.kernel_size, self.heads)
+
+
+def test_ops_are_recorded_by_script_and_trace_and_load_without_python_classes(tmp_path):
+    q, k, v, rel = random_inputs((2, 6, 7, 9), 3, seed=10)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    expected = local_attention_fused(q, k, v, rel, 3, 2)
+    expected_int8 = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
+
+    scripted = torch.jit.script(_AttentionCore(3, 2))
+    assert "medattn::local_attention" in str(scripted.inlined_graph)
+    traced = torch.jit.trace(_AttentionCore(3, 2), (q, k, v, rel))
+    assert "medattn::local_attention" in str(traced.graph)
+    scripted_int8 = torch.jit.script(_Int8AttentionCore(3, 2))
+    assert "medattn::local_attention_int8" in str(scripted_int8.inlined_graph)
+    torch.testing.assert_close(scripted(q, k, v, rel), expected, rtol=0, atol=0)
+    torch.testing.assert_close(traced(q, k, v, rel), expected, rtol=0, atol=0)
+
+    scripted.save(str(tmp_path / "fp32.pt"))
+    scripted_int8.save(str(tmp_path / "int8.pt"))
+    torch.save({"inputs": (q, k, v, rel), "int8_inputs": (qq, kq, vq), "expected": expected,
+                "expected_int8": expected_int8}, tmp_path / "data.pt")
+    # a fresh interpreter with torch and the op library only: no networks package on the path
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        torch.ops.load_library({kernel_library_path()!r})
+        data = torch.load({str(tmp_path / 'data.pt')!r}, weights_only=False)
+        q, k, v, rel = data["inputs"]
+        qq, kq, vq = data["int8_inputs"]
+        fp32 = torch.jit.load({str(tmp_path / 'fp32.pt')!r})
+        int8 = torch.jit.load({str(tmp_path / 'int8.pt')!r})
+        with torch.no_grad():
+            assert torch.equal(fp32(q, k, v, rel), data["expected"])
+            assert torch.equal(int8(qq, kq, vq, rel), data["expected_int8"])
+        assert "networks" not in sys.modules
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JIT build
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds_compile_once_and_both_load(tmp_path):
+    """Two processes loading at once into an empty cache: one compiles under the lock, the other waits and loads."""
+    script = textwrap.dedent(
+        """
+        import json, torch
+        from networks.kernels import kernel_library_path, last_build_seconds
+        path = kernel_library_path()
+        q = torch.randn(1, 4, 5, 6)
+        out = torch.ops.medattn.local_attention(q, q, q, torch.zeros(9, 4), 3, 1)
+        print(json.dumps({"path": path, "build_seconds": last_build_seconds(), "shape": list(out.shape)}))
+        """
+    )
+    env = dict(os.environ, MEDATTN_KERNELS_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=REPO_ROOT)
+        for _ in range(2)
+    ]
+    reports = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert reports[0]["path"] == reports[1]["path"]
+    assert Path(reports[0]["path"]).is_file()
+    assert sorted(report["build_seconds"] is None for report in reports) == [False, True]
+    assert all(report["shape"] == [1, 4, 5, 6] for report in reports)
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if ".build-" in p.name]
+    assert leftovers == []
