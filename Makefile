@@ -12,8 +12,16 @@ setup:
 data: setup
 	$(PY) -m sample_data
 
+# the MONAI Label server on the sample liver datastore, every model, bound to 127.0.0.1 (monailabel's launcher runs
+# "python" from PATH: the venv's)
 serve: data
-	$(PY) -m networks.model_card
+	PATH="$(CURDIR)/.venv/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" .venv/bin/monailabel start_server \
+		--app monailabel_app --studies .data/datastore/liver --conf models all --host $(HOST) --port $(PORT)
+
+# retrain the weights bundled in monailabel_app/model (fixed seeds; writes bundled_weights.json with held-out Dice)
+.PHONY: weights
+weights: data
+	$(PY) -m monailabel_app.train_bundled
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,0 +1,149 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""The app's ``--conf`` options (``monailabel start_server ... --conf key value``), parsed once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AppConfig", "parse_labels", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
+
+logger = logging.getLogger(__name__)
+
+# served model name -> (family, precision)
+MODEL_NAMES: dict[str, tuple[str, str]] = {
+    "sadnn_seg_int8": ("sadnn_seg", "int8"),
+    "sadnn_seg_fp32": ("sadnn_seg", "fp32"),
+    "unet_seg_int8": ("unet_seg", "int8"),
+    "unet_seg_fp32": ("unet_seg", "fp32"),
+    "sadnn_cls_int8": ("sadnn_cls", "int8"),
+    "sadnn_cls_fp32": ("sadnn_cls", "fp32"),
+    "sadnn_seg3d_fp32": ("sadnn_seg3d", "fp32"),
+}
+FAMILY_OF = {name: family for name, (family, _) in MODEL_NAMES.items()}
+
+CONF_HELP = {
+    "models": "'all' (default) or a comma list of families (sadnn_seg, unet_seg, sadnn_cls, sadnn_seg3d) and/or "
+    "model names (" + ", ".join(MODEL_NAMES) + ")",
+    "labels": "segmentation labels and their datastore values: 'liver' (default), 'liver,spleen' (values 1, 2), "
+    "'liver=5,spleen=1', or a JSON object",
+    "model_dir": "folder trained weights are published to (default <app>/model/trained); bundled weights stay in "
+    "<app>/model",
+    "modality": "'auto' (default: CT when the image holds air below -500 HU), 'ct' or 'mr'",
+    "preload": "'true' to load every network at start-up (default false: on first use, warmed up in the background)",
+    "batch_size": "slices per network call (default 16)",
+    "rise_masks": "RISE masks per saliency map (default 256)",
+    "threads": "torch CPU threads (default: torch's choice)",
+    "auto_update_scoring": "'true' to rerun every scoring method after training/active learning (default false)",
+}
+
+
+def parse_labels(text: str | dict | None) -> dict[str, int]:
+    """``{label name: datastore value}`` from ``--conf labels``.
+
+    Accepts ``"liver"``, ``"liver,spleen"`` (values 1, 2, ...), ``"liver=5,spleen=1"`` or a JSON object.
+
+    Raises:
+        ValueError: empty names, duplicate names or values, values outside 1..255.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {"liver": 1}
+    if isinstance(text, dict):
+        labels = {str(k): int(v) for k, v in text.items()}
+    elif text.strip().startswith("{"):
+        labels = {str(k): int(v) for k, v in json.loads(text).items()}
+    else:
+        labels = {}
+        for index, item in enumerate(part.strip() for part in text.split(",")):
+            if not item:
+                raise ValueError(f"empty label name in --conf labels {text!r}.")
+            if "=" in item:
+                name, value = (s.strip() for s in item.split("=", 1))
+                labels[name] = int(value)
+            else:
+                labels[item] = index + 1
+    labels.pop("background", None)
+    if not labels:
+        raise ValueError(f"--conf labels {text!r} names no label.")
+    if len(set(labels.values())) != len(labels):
+        raise ValueError(f"--conf labels {text!r} gives two labels the same value.")
+    if any(not 1 <= v <= 255 for v in labels.values()):
+        raise ValueError(f"--conf labels {text!r}: label values must be 1..255 (0 is background).")
+    return labels
+
+
+def _flag(value: Any, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class AppConfig:
+    """Parsed ``--conf`` options; see :data:`CONF_HELP`."""
+
+    app_dir: str
+    models: list[str]
+    labels: dict[str, int]
+    bundled_dir: str
+    model_dir: str
+    modality: str = "auto"
+    preload: bool = False
+    batch_size: int = 16
+    rise_masks: int = 256
+    threads: int | None = None
+    auto_update_scoring: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_conf(cls, app_dir: str, conf: dict[str, Any] | None) -> AppConfig:
+        conf = dict(conf or {})
+        unknown = sorted(set(conf) - set(CONF_HELP) - {"server_mode", "auth_token"})
+        if unknown:
+            logger.warning(f"ignoring unknown --conf option(s) {unknown}; known: {sorted(CONF_HELP)}")
+        models = cls._select_models(conf.get("models") or "all")
+        modality = str(conf.get("modality") or "auto").lower()
+        if modality not in ("auto", "ct", "mr"):
+            raise ValueError(f"--conf modality must be auto, ct or mr, got {modality!r}.")
+        bundled = os.path.join(app_dir, "model")
+        model_dir = conf.get("model_dir") or os.path.join(bundled, "trained")
+        threads = conf.get("threads")
+        return cls(
+            app_dir=app_dir,
+            models=models,
+            labels=parse_labels(conf.get("labels")),
+            bundled_dir=os.path.realpath(bundled),
+            model_dir=os.path.realpath(os.path.expanduser(model_dir)),
+            modality=modality,
+            preload=_flag(conf.get("preload"), False),
+            batch_size=int(conf.get("batch_size") or 16),
+            rise_masks=int(conf.get("rise_masks") or 256),
+            threads=int(threads) if threads else None,
+            auto_update_scoring=_flag(conf.get("auto_update_scoring"), False),
+            raw=conf,
+        )
+
+    @staticmethod
+    def _select_models(text: str) -> list[str]:
+        families = sorted(set(FAMILY_OF.values()))
+        selected: list[str] = []
+        for item in (part.strip() for part in str(text).split(",")):
+            if not item:
+                continue
+            if item == "all":
+                names = list(MODEL_NAMES)
+            elif item in MODEL_NAMES:
+                names = [item]
+            elif item in families:
+                names = [n for n, f in FAMILY_OF.items() if f == item]
+            else:
+                raise ValueError(
+                    f"--conf models: unknown model {item!r}; use 'all', families {families} or models {list(MODEL_NAMES)}."
+                )
+            selected += [n for n in names if n not in selected]
+        if not selected:
+            raise ValueError(f"--conf models {text!r} selects no model.")
+        return selected

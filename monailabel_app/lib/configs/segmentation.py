@@ -1,0 +1,38 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Segmentation families: infer tasks (slice-by-slice or native 3D) and the segmentation train task."""
+
+from __future__ import annotations
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from monailabel_app.lib.configs.base import FamilyConfig
+from monailabel_app.lib.infers.segmentation import SegmentationInfer
+from monailabel_app.lib.trainers.segmentation import SegmentationTrain
+
+__all__ = ["SegmentationConfig"]
+
+
+class SegmentationConfig(FamilyConfig):
+    """A segmentation family; ``trainable`` families get a ``/train/<family>`` task."""
+
+    trainable: bool = False
+
+    def make_infer(self, name: str, precision: str) -> InferTask:
+        return SegmentationInfer(
+            name,
+            self.spec,
+            self.files,
+            precision,
+            self.cache,
+            self.app_config.labels,
+            twin=self.twin_of(precision),
+            default=False,
+            modality=self.app_config.modality,
+            batch_size=self.app_config.batch_size,
+        )
+
+    def trainer(self) -> TrainTask | None:
+        if not self.trainable:
+            return None
+        return SegmentationTrain(self.spec, self.files, self.app_config.labels, self.cache)

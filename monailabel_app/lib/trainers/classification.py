@@ -1,0 +1,181 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Classification train task: per-slice multi-label organ presence derived from the datastore's label maps
+(a class is present in an axial slice when its label covers at least 5 voxels there), BCE-with-logits loss,
+validation F1 (= Dice of the presence decisions) over every slice of the validation volumes; re-quantised and
+published like the segmentation task."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from monai.handlers import ConfusionMatrix, from_engine
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    EnsureTyped,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    SqueezeDimd,
+)
+from monailabel.tasks.train.basic_train import Context
+
+from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
+from monailabel_app.lib.trainers.segmentation import SegmentationTrain, intensity_augmentation
+from monailabel_app.lib.transforms.labels import PresenceTargetd
+
+__all__ = ["ClassificationTrain", "SliceClassificationInferer"]
+
+logger = logging.getLogger(__name__)
+
+
+class SliceClassificationInferer(Inferer):
+    """Apply a 2D classifier to every axial slice of a volume batch: ``(B, C, H, W, D) -> (B, classes, D)``.
+
+    Args:
+        batch_size: slices per classifier call.
+    """
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = int(batch_size)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        b, c, h, w, depth = inputs.shape
+        slices = torch.as_tensor(inputs).permute(0, 4, 1, 2, 3).reshape(b * depth, c, h, w)
+        outputs = torch.cat([network(slices[i : i + self.batch_size]) for i in range(0, len(slices), self.batch_size)])
+        return outputs.reshape(b, depth, -1).permute(0, 2, 1)
+
+
+class ClassificationTrain(SegmentationTrain):
+    """Train SaDNN-cls on per-slice organ presence; classes are the app's labels (``--conf labels``).
+
+    Request parameters as :class:`~monailabel_app.lib.trainers.segmentation.SegmentationTrain`, with
+    ``pos_ratio`` (default 0.5: half the slices drawn centred on an organ) and ``learning_rate`` (3e-4).
+    """
+
+    VAL_METRIC = "val_f1"
+    TRAIN_METRIC = "train_f1"
+
+    def __init__(
+        self, spec: ModelSpec, files: ModelFiles, app_labels: dict[str, int], cache: NetworkCache | None = None
+    ) -> None:
+        super().__init__(spec, files, app_labels, cache)
+        self.description = f"Train {spec.family} on per-slice organ presence from the final labels, then re-quantise"
+        self._config.update({"learning_rate": 3e-4, "pos_ratio": 0.5, "num_samples": 8})
+
+    def train_pre_transforms(self, context: Context):
+        prep = self._prep(context)
+        keys = ["image", "label"]
+        pos = float(context.request.get("pos_ratio", 0.5))
+        t = prep.transforms(3, label_key="label", label_values=list(self.app_labels.values()), accept_dims=(3,))
+        return t + [
+            RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=(*prep.roi_size, 1),
+                pos=pos,
+                neg=1.0 - pos,
+                num_samples=int(context.request.get("num_samples", 8)),
+                allow_smaller=True,
+            ),
+            SqueezeDimd(keys=keys, dim=-1),
+            PresenceTargetd(keys="label", num_classes=len(self.app_labels)),
+            RandAffined(keys="image", prob=0.5, rotate_range=0.15, scale_range=0.1, padding_mode="zeros"),
+            *intensity_augmentation(prep),
+            EnsureTyped(keys=keys, dtype=(torch.float32, torch.float32), track_meta=False),
+        ]
+
+    def val_pre_transforms(self, context: Context):
+        prep = self._prep(context)
+        t = prep.transforms(3, label_key="label", label_values=list(self.app_labels.values()), accept_dims=(3,))
+        return t + [
+            PresenceTargetd(keys="label", num_classes=len(self.app_labels)),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+        ]
+
+    def train_post_transforms(self, context: Context):
+        return [Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)]
+
+    def network(self, context: Context):
+        from monailabel_app.lib.trainers.common import initial_network
+
+        model, factory_name, factory_kwargs, start_meta = initial_network(
+            self.spec,
+            self.files,
+            num_outputs=len(self.app_labels),
+            class_names=self.class_names(),
+            pretrained=bool(context.request.get("pretrained", True)),
+        )
+        context.factory = (factory_name, factory_kwargs, start_meta)
+        return model
+
+    def loss_function(self, context: Context):
+        return torch.nn.BCEWithLogitsLoss()
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        return SliceClassificationInferer(batch_size=16)
+
+    def train_key_metric(self, context: Context):
+        return {
+            self.TRAIN_METRIC: ConfusionMatrix(
+                include_background=True, metric_name="f1 score", output_transform=from_engine(["pred", "label"])
+            )
+        }
+
+    def val_key_metric(self, context: Context):
+        return {
+            self.VAL_METRIC: ConfusionMatrix(
+                include_background=True, metric_name="f1 score", output_transform=from_engine(["pred", "label"])
+            )
+        }
+
+    def finalize(self, context: Context):
+        super().finalize(context)
+        context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
+
+    def publish(self, context: Context, datalist, stats: dict[str, Any]) -> dict[str, Any]:
+        import os
+
+        from monailabel_app.lib.trainers.common import calibration_slices, publish_trained
+
+        network = context.network
+        best = os.path.join(context.output_dir, self._key_metric_filename)
+        if context.evaluator is not None and os.path.exists(best):
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            network.load_state_dict(state.get(self._model_dict_key, state))
+        prep = self._prep(context)
+        factory_name, factory_kwargs, start_meta = context.factory
+        calibration, used = calibration_slices(
+            datalist,
+            prep,
+            list(self.app_labels.values()),
+            n_slices=int(context.request.get("calibration_slices", 32)),
+            seed=int(context.request.get("seed", 0)),
+        )
+        app_meta = {
+            "family": self.spec.family,
+            "task": self.spec.task,
+            "classes": self.class_names(),
+            "targets": "per-slice organ presence derived from the label maps (>= 5 voxels of the organ in the slice)",
+            "datastore_label_values": dict(self.app_labels),
+            "preprocess": prep.to_dict(),
+            "spatial_dims": 2,
+            "trained": {
+                "run_id": context.run_id,
+                "epochs": stats.get("epoch"),
+                "best_val_f1": stats.get("best_metric"),
+                "train_images": [os.path.basename(d["image"]) for d in context.train_datalist],
+                "val_images": [os.path.basename(d["image"]) for d in context.val_datalist],
+                "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
+            },
+            "calibration": {"slices": sum(len(b) for b in calibration), "images": [os.path.basename(p) for p in used]},
+        }
+        return publish_trained(
+            self.spec, self.files, network, factory_name, factory_kwargs, app_meta, calibration, context.run_id
+        )

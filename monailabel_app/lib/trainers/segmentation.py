@@ -1,0 +1,334 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Segmentation train task (MONAI Label ``BasicTrainTask``): 2D slices sampled from the labelled volumes,
+foreground-weighted, MONAI ``DiceLoss``; validation Dice on whole volumes slice by slice; at the end the INT8
+artifact is re-quantised on the datastore's labelled images and FP32 + INT8 are published atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from monai.handlers import LrScheduleHandler, MeanDice, from_engine
+from monai.inferers import SimpleInferer, SliceInferer
+from monai.losses import DiceLoss
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    EnsureTyped,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from monailabel_app.lib.errors import ConflictError
+from monailabel_app.lib.image_io import read_header
+from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
+from monailabel_app.lib.preprocess import DEFAULT_SLICE_PREPROCESSING, DEFAULT_VOLUME_PREPROCESSING, Preprocessing
+from monailabel_app.lib.trainers.common import TrainProgress, calibration_slices, initial_network, publish_trained
+
+__all__ = ["SegmentationTrain", "intensity_augmentation"]
+
+logger = logging.getLogger(__name__)
+
+
+def intensity_augmentation(prep: Preprocessing, key: str = "image") -> list:
+    """Random intensity changes: contrast-enhanced and plain CTs, different scanners and MR sequences differ by tens
+    of HU / grey levels, so the networks must not key on absolute intensity alone (shifts up to 0.12 of the 0..1
+    range = 60 HU in the CT window, expressed in the standardised units of ``prep``)."""
+    unit = 1.0 / prep.standardize[1] if prep.standardize else 1.0
+    return [
+        RandScaleIntensityd(keys=key, factors=0.2, prob=0.8),
+        RandShiftIntensityd(keys=key, offsets=0.12 * unit, prob=0.8),
+        RandAdjustContrastd(keys=key, gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised(keys=key, std=0.02 * unit, prob=0.2),
+    ]
+
+
+class SegmentationTrain(BasicTrainTask):
+    """Train a segmentation family on the datastore's ``final`` labels.
+
+    Request parameters (``POST /train/<family>``): ``max_epochs`` (default 10), ``train_batch_size`` (volumes per
+    step, default 2), ``num_samples`` (slices drawn per volume per step, default 8), ``learning_rate`` (1e-3),
+    ``val_split`` (0.2), ``pos_ratio`` (fraction of slices centred on foreground, 2/3), ``calibration_slices`` (32),
+    ``pretrained`` (start from the served weights, default true), ``seed`` (0).
+
+    Args:
+        spec: the family.
+        files: its files (published into ``files.trained_dir``).
+        app_labels: ``{name: datastore value}`` the network learns (classes 1..n in that order).
+        cache: the app's network cache (unused in the training subprocess; kept for symmetry with infer tasks).
+    """
+
+    def __init__(
+        self, spec: ModelSpec, files: ModelFiles, app_labels: dict[str, int], cache: NetworkCache | None = None
+    ) -> None:
+        self.spec = spec
+        self.files = files
+        self.app_labels = dict(app_labels)
+        self._context: Context | None = None
+        super().__init__(
+            model_dir=os.path.join(files.trained_dir, "runs"),
+            description=f"Train {spec.family} ({spec.factory_name}) on the datastore's final labels, then re-quantise",
+            config={
+                "max_epochs": 10,
+                "train_batch_size": 2,
+                "val_batch_size": 1,
+                "val_split": 0.2,
+                "learning_rate": 1e-3,
+                "num_samples": 8,
+                "pos_ratio": 2.0 / 3.0,
+                "calibration_slices": 32,
+                "seed": 0,
+                "dataset": "CacheDataset",
+                "dataloader": "DataLoader",
+                "pretrained": True,
+                "multi_gpu": False,
+                "tracking": "None",
+            },
+            amp=False,
+            load_path=None,
+            publish_path=None,
+            stats_path=self.stats_path,
+            train_save_interval=10_000,
+            n_saved=1,
+            labels=list(app_labels),
+        )
+
+    @property
+    def stats_path(self) -> str:
+        return os.path.join(self.files.trained_dir, f"{self.spec.family}_train_stats.json")
+
+    def info(self):
+        r = super().info()
+        r["family"] = self.spec.family
+        return r
+
+    # ----- data -----
+    def class_names(self) -> list[str]:
+        return list(self.app_labels)
+
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing of the served checkpoint (a retrained model keeps it), else the family default."""
+        path = self.files.current("fp32")
+        if path:
+            from monailabel_app.lib.model_store import read_app_metadata
+
+            meta = read_app_metadata(path)
+            if meta.get("preprocess"):
+                return Preprocessing.from_dict(meta["preprocess"])
+        return DEFAULT_SLICE_PREPROCESSING if self.spec.spatial_dims == 2 else DEFAULT_VOLUME_PREPROCESSING
+
+    def pre_process(self, request, datastore: Datastore):
+        datalist = []
+        for item in datastore.datalist():
+            dims = read_header(item["image"]).dims
+            if dims != 3:
+                logger.warning(f"skipping {item['image']}: {dims}D (segmentation training samples slices of volumes)")
+                continue
+            datalist.append(item)
+        if not datalist:
+            raise ConflictError("no labelled 3D image (labels/final) in the datastore to train on.")
+        return datalist
+
+    def _prep(self, context: Context) -> Preprocessing:
+        if not hasattr(context, "prep"):
+            context.prep = self.preprocessing()
+        return context.prep
+
+    def train_pre_transforms(self, context: Context):
+        prep = self._prep(context)
+        values = list(self.app_labels.values())
+        keys = ["image", "label"]
+        t = prep.transforms(3, label_key="label", label_values=values, accept_dims=(3,), model_name=self.spec.family)
+        pos = float(context.request.get("pos_ratio", 2.0 / 3.0))
+        if self.spec.spatial_dims == 2:
+            t += [
+                # whole in-plane slices (the in-plane size already is roi_size), centred on foreground with
+                # probability pos_ratio: foreground-weighted slice sampling
+                RandCropByPosNegLabeld(
+                    keys=keys,
+                    label_key="label",
+                    spatial_size=(*prep.roi_size, 1),
+                    pos=pos,
+                    neg=1.0 - pos,
+                    num_samples=int(context.request.get("num_samples", 8)),
+                    allow_smaller=True,
+                ),
+                SqueezeDimd(keys=keys, dim=-1),
+            ]
+        else:
+            t += [
+                # volumes thinner than the window (an MR with 15 slices at 4 mm) are padded first
+                SpatialPadd(keys=keys, spatial_size=prep.roi_size),
+                RandCropByPosNegLabeld(
+                    keys=keys,
+                    label_key="label",
+                    spatial_size=prep.roi_size,
+                    pos=pos,
+                    neg=1.0 - pos,
+                    num_samples=int(context.request.get("num_samples", 2)),
+                    allow_smaller=False,
+                ),
+            ]
+        t += [
+            RandAffined(
+                keys=keys,
+                prob=0.5,
+                rotate_range=0.15 if self.spec.spatial_dims == 2 else (0.1, 0.1, 0.1),
+                scale_range=0.15,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            *intensity_augmentation(prep),
+            EnsureTyped(keys=keys, dtype=(torch.float32, torch.float32), track_meta=False),
+        ]
+        return t
+
+    def val_pre_transforms(self, context: Context):
+        prep = self._prep(context)
+        values = list(self.app_labels.values())
+        t = prep.transforms(3, label_key="label", label_values=values, accept_dims=(3,), model_name=self.spec.family)
+        return t + [EnsureTyped(keys=["image", "label"], track_meta=False)]
+
+    def train_post_transforms(self, context: Context):
+        n = len(self.app_labels) + 1
+        return [
+            Activationsd(keys="pred", softmax=True),
+            AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(n, n)),
+        ]
+
+    # ----- network, loss, inferers -----
+    def network(self, context: Context):
+        model, factory_name, factory_kwargs, start_meta = initial_network(
+            self.spec,
+            self.files,
+            num_outputs=len(self.app_labels) + 1,
+            class_names=self.class_names(),
+            pretrained=bool(context.request.get("pretrained", True)),
+        )
+        context.factory = (factory_name, factory_kwargs, start_meta)
+        return model
+
+    def optimizer(self, context: Context):
+        lr = float(context.request.get("learning_rate", 1e-3))
+        return torch.optim.Adam(context.network.parameters(), lr=lr, weight_decay=1e-5)
+
+    def lr_scheduler_handler(self, context: Context):
+        # cosine decay to 1/10 of the learning rate over the run, stepped every iteration
+        steps_per_epoch = max(1, -(-len(context.train_datalist) // max(1, int(context.train_batch_size))))
+        total = max(1, int(context.max_epochs) * steps_per_epoch)
+        lr = float(context.request.get("learning_rate", 1e-3))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=total, eta_min=lr / 10)
+        return LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)
+
+    def loss_function(self, context: Context):
+        return DiceLoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+        )
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        prep = self._prep(context)
+        if self.spec.spatial_dims == 2:
+            return SliceInferer(roi_size=prep.roi_size, sw_batch_size=16, spatial_dim=2, overlap=0.0)
+        from monai.inferers import SlidingWindowInferer
+
+        return SlidingWindowInferer(roi_size=prep.roi_size, sw_batch_size=1, overlap=0.25)
+
+    def train_key_metric(self, context: Context):
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+
+    def val_key_metric(self, context: Context):
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+
+    def load_path(self, output_dir, pretrained=True):
+        # initialisation from the served checkpoint happens in network(); never resume stale run checkpoints
+        return None
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        train, val = super().partition_datalist(context, shuffle=shuffle)
+        if not train:  # a single labelled volume: train on it, validate on it too
+            train = val
+        return train, val
+
+    # ----- run -----
+    def finalize(self, context: Context):
+        self._context = context
+        metric = self.VAL_METRIC_MEAN_DICE if context.evaluator else self.TRAIN_METRIC_MEAN_DICE
+        context.progress = TrainProgress(
+            self.stats_path, self.spec.family, context.run_id, context.max_epochs, metric
+        )
+        context.progress.attach(context.trainer, context.evaluator)
+
+    def train(self, rank, world_size, request, datalist):
+        request = dict(request)
+        request["name"] = f"{self.spec.family}_run"
+        seed = int(request.get("seed", 0))
+        torch.manual_seed(seed)
+        from monai.utils import set_determinism
+
+        set_determinism(seed=seed)
+        run_dir = os.path.join(self._model_dir, request["name"])
+        shutil.rmtree(run_dir, ignore_errors=True)
+        stats = super().train(rank, world_size, request, datalist)
+        context = self._context
+        progress: TrainProgress = context.progress
+        try:
+            progress.write(status="QUANTIZING")
+            published = self.publish(context, datalist, stats)
+        except BaseException as err:
+            progress.write(status="FAILED", error=f"{type(err).__name__}: {err}")
+            raise
+        progress.write(status="PUBLISHED", published=published)
+        stats["published"] = published
+        return stats
+
+    def publish(self, context: Context, datalist, stats: dict[str, Any]) -> dict[str, Any]:
+        network = context.network
+        best = os.path.join(context.output_dir, self._key_metric_filename)
+        if context.evaluator is not None and os.path.exists(best):
+            # the weights of the best validation epoch (CheckpointSaver's key-metric file)
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            network.load_state_dict(state.get(self._model_dict_key, state))
+        prep = self._prep(context)
+        factory_name, factory_kwargs, start_meta = context.factory
+        labels = {name: i + 1 for i, name in enumerate(self.app_labels)}
+        calibration, used = calibration_slices(
+            datalist,
+            prep,
+            list(self.app_labels.values()),
+            n_slices=int(context.request.get("calibration_slices", 32)),
+            seed=int(context.request.get("seed", 0)),
+        ) if self.spec.int8 else ([], [])
+        app_meta = {
+            "family": self.spec.family,
+            "task": self.spec.task,
+            "labels": labels,
+            "datastore_label_values": dict(self.app_labels),
+            "preprocess": prep.to_dict(),
+            "spatial_dims": self.spec.spatial_dims,
+            "trained": {
+                "run_id": context.run_id,
+                "epochs": stats.get("epoch"),
+                "best_val_dice": stats.get("best_metric"),
+                "train_images": [os.path.basename(d["image"]) for d in context.train_datalist],
+                "val_images": [os.path.basename(d["image"]) for d in context.val_datalist],
+                "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
+            },
+            "calibration": {"slices": sum(len(b) for b in calibration), "images": [os.path.basename(p) for p in used]},
+        }
+        return publish_trained(
+            self.spec, self.files, network, factory_name, factory_kwargs, app_meta, calibration, context.run_id
+        )

@@ -1,0 +1,309 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Train the weights bundled with the app (``make weights``), reproducibly, on the sample data.
+
+    python -m monailabel_app.train_bundled [--out monailabel_app/model] [--families sadnn_seg,unet_seg,...]
+
+What it does (fixed seeds, CPU, the app's own train tasks so bundled and server-trained models share one code
+path):
+
+1. fetches the sample data and builds two MONAI Label datastores with :mod:`sample_data`:
+   training = ``example_ct`` (CT) + ``example_mr_sm`` (MR); held out = ``example_ct_dicom``, another patient.
+   ``example_ct_sm`` is a crop of ``example_ct`` (``datastore_notes.json``), so it is neither trained on nor used
+   for evaluation. Labels are TotalSegmentator model outputs, not manual ground truth.
+2. trains each family with the app's train task (``SegmentationTrain`` / ``ClassificationTrain``) with no
+   validation split (no data to spare: the final weights are kept), re-quantises it on real labelled slices and
+   publishes FP32 + INT8 into a work folder;
+3. evaluates every model on the held-out CT through the app's infer tasks (Dice against the TotalSegmentator
+   label on the input grid; for the classifier, per-slice F1 of organ presence);
+4. copies the files into ``--out`` and writes ``bundled_weights.json`` (command, seeds, data, times, held-out
+   figures).
+
+Families: ``sadnn_seg`` (liver), ``unet_seg`` (liver, MONAI BasicUNet baseline), ``sadnn_cls`` (per-slice presence
+of liver, spleen, kidneys and stomach), ``sadnn_seg3d`` (liver, native 3D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from monailabel_app.lib.model_store import MODEL_SPECS, ModelFiles, NetworkCache, file_version  # noqa: E402
+
+logger = logging.getLogger("train_bundled")
+
+TRAIN_IMAGES = ("example_ct", "example_mr_sm")
+HELD_OUT_IMAGES = ("example_ct_dicom",)
+SEG_ORGANS = ("liver",)
+CLS_ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "stomach")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training settings of one family (``max_epochs`` = optimiser steps: two volumes, batch of two volumes)."""
+
+    family: str
+    organs: tuple[str, ...]
+    request: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "sadnn_seg": Recipe(
+        "sadnn_seg",
+        SEG_ORGANS,
+        {"max_epochs": 400, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5},
+    ),
+    "unet_seg": Recipe(
+        "unet_seg",
+        SEG_ORGANS,
+        {"max_epochs": 160, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5},
+    ),
+    "sadnn_cls": Recipe(
+        "sadnn_cls",
+        CLS_ORGANS,
+        {"max_epochs": 160, "num_samples": 8, "learning_rate": 1e-3, "pos_ratio": 0.7},
+    ),
+    "sadnn_seg3d": Recipe(
+        "sadnn_seg3d",
+        SEG_ORGANS,
+        {"max_epochs": 16, "num_samples": 1, "learning_rate": 3e-3, "pos_ratio": 0.7},
+    ),
+}
+
+QUICK_EPOCHS = 2
+
+
+def _datastore(path: Path):
+    from monailabel.datastore.local import LocalDatastore
+
+    return LocalDatastore(str(path), extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)
+
+
+def build_datastores(work: Path, organs: tuple[str, ...]) -> tuple[Path, Path]:
+    """(training datastore, held-out datastore) for ``organs`` under ``work``."""
+    from sample_data import build_datastore
+
+    name = "_".join(organs)
+    train = build_datastore(organs, work / f"train_{name}", image_ids=TRAIN_IMAGES).path
+    held = build_datastore(organs, work / f"heldout_{name}", image_ids=HELD_OUT_IMAGES).path
+    return Path(train), Path(held)
+
+
+def train_family(recipe: Recipe, work: Path, quick: bool, seed: int) -> dict[str, Any]:
+    """Train one family with the app's train task; returns the task's stats (with ``published``)."""
+    from monailabel_app.lib.trainers.classification import ClassificationTrain
+    from monailabel_app.lib.trainers.segmentation import SegmentationTrain
+
+    spec = MODEL_SPECS[recipe.family]
+    train_dir, _ = build_datastores(work, recipe.organs)
+    files = ModelFiles(recipe.family, str(work / "no_bundled_weights"), str(work / "models"))
+    labels = {organ: i + 1 for i, organ in enumerate(recipe.organs)}
+    task_type = ClassificationTrain if spec.task == "classification" else SegmentationTrain
+    task = task_type(spec, files, labels)
+    request = {
+        "model": recipe.family,
+        "train_batch_size": 2,
+        "val_split": 0.0,
+        "pretrained": False,
+        "seed": seed,
+        "calibration_slices": 32,
+        "device": "cpu",
+        **recipe.request,
+    }
+    if quick:
+        request["max_epochs"] = QUICK_EPOCHS
+    start = time.time()
+    stats = task(request, _datastore(train_dir))
+    stats["train_seconds"] = round(time.time() - start, 1)
+    stats["request"] = request
+    return stats
+
+
+def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int]):
+    from monailabel_app.lib.infers.classification import ClassificationInfer
+    from monailabel_app.lib.infers.segmentation import SegmentationInfer
+
+    spec = MODEL_SPECS[family]
+    files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
+    cls = ClassificationInfer if spec.task == "classification" else SegmentationInfer
+    return cls(f"{family}_{precision}", spec, files, precision, NetworkCache(), labels)
+
+
+def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[str, Any]:
+    """Dice against the TotalSegmentator liver label of every image in ``datastore_dir``, FP32 and INT8."""
+    spec = MODEL_SPECS[family]
+    store = _datastore(datastore_dir)
+    result: dict[str, Any] = {}
+    for precision in ("fp32", "int8") if spec.int8 else ("fp32",):
+        task = _infer_task(family, precision, work, {"liver": 1})
+        for image_id in sorted(store.get_labeled_images()):
+            start = time.time()
+            _, data = task(
+                {
+                    "image": store.get_image_uri(image_id),
+                    "reference_path": store.get_label_uri(image_id, "final"),
+                    "reference_name": "TotalSegmentator",
+                    "skip_writer": True,
+                    "logging": "WARNING",
+                }
+            )
+            figures = data["result"]["comparison"]
+            result.setdefault(image_id, {})[precision] = {
+                "dice": round(figures["dice"], 4),
+                "over_ml": round(figures["over_ml"], 1),
+                "under_ml": round(figures["under_ml"], 1),
+                "reference_ml": round(figures["reference_ml"], 1),
+                "seconds": round(time.time() - start, 2),
+            }
+    return result
+
+
+def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs: tuple[str, ...]) -> dict[str, Any]:
+    """Per-slice organ-presence F1 (pooled over classes and slices) of FP32 and INT8 on ``datastore_dir``."""
+    from monai.transforms import Compose
+
+    from monailabel_app.lib.model_store import load_network
+    from monailabel_app.lib.preprocess import Preprocessing
+    from monailabel_app.lib.transforms.labels import PresenceTargetd
+
+    files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
+    store = _datastore(datastore_dir)
+    result: dict[str, Any] = {}
+    for precision in ("fp32", "int8"):
+        network, meta = load_network(files.current(precision), precision)
+        prep = Preprocessing.from_dict(meta["preprocess"])
+        for image_id in sorted(store.get_labeled_images()):
+            transforms = prep.transforms(3, label_key="label", label_values=list(range(1, len(organs) + 1)))
+            d = Compose([*transforms, PresenceTargetd(keys="label", num_classes=len(organs))])(
+                {"image": store.get_image_uri(image_id), "label": store.get_label_uri(image_id, "final")}
+            )
+            image = torch.as_tensor(d["image"]).as_subclass(torch.Tensor)[0].permute(2, 0, 1)[:, None]
+            with torch.no_grad():
+                decisions = torch.sigmoid(network(image.float())) >= 0.5  # (slices, classes)
+            targets = torch.as_tensor(d["label"]).T.bool()
+            tp = int((decisions & targets).sum())
+            fp = int((decisions & ~targets).sum())
+            fn = int((~decisions & targets).sum())
+            per_class = {}
+            for c, organ in enumerate(organs):
+                t, p = targets[:, c], decisions[:, c]
+                denominator = int(2 * (t & p).sum() + (p & ~t).sum() + (~p & t).sum())
+                per_class[organ] = round(2 * int((t & p).sum()) / denominator, 4) if denominator else 1.0
+            result.setdefault(image_id, {})[precision] = {
+                "f1": round(2 * tp / (2 * tp + fp + fn), 4) if (tp + fp + fn) else 1.0,
+                "accuracy": round(float((decisions == targets).float().mean()), 4),
+                "per_class_f1": per_class,
+                "slices": int(image.shape[0]),
+            }
+    return result
+
+
+def publish_bundle(work: Path, out: Path, families: list[str]) -> dict[str, Any]:
+    """Copy the trained files into ``out`` (temp file, then rename) and return their versions."""
+    out.mkdir(parents=True, exist_ok=True)
+    versions: dict[str, Any] = {}
+    for family in families:
+        files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
+        for precision in ("fp32", "int8") if MODEL_SPECS[family].int8 else ("fp32",):
+            source = files.current(precision)
+            if source is None:
+                raise FileNotFoundError(f"{family} {precision}: training published no file")
+            size = os.path.getsize(source)
+            if size > 3 * 1024 * 1024:
+                raise ValueError(f"{source} is {size / 2**20:.2f} MiB; bundled weights must stay under 3 MB")
+            target = out / os.path.basename(source)
+            tmp = out / f".{target.name}.tmp"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            versions[target.name] = {**file_version(str(target)), "bytes": size}
+    return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "model"), help="bundled weights folder")
+    parser.add_argument("--work", default=str(REPO_ROOT / "runs" / "bundled"), help="scratch folder")
+    parser.add_argument("--families", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs per family (a smoke test)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in RECIPES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {list(RECIPES)}")
+    work = Path(args.work).resolve()
+    shutil.rmtree(work / "models", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    report: dict[str, Any] = {
+        "command": "python -m monailabel_app.train_bundled " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": args.seed,
+        "threads": args.threads,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "labels_are": "TotalSegmentator model outputs (its test-suite reference files), NOT manual ground truth",
+        "train_images": list(TRAIN_IMAGES),
+        "held_out_images": list(HELD_OUT_IMAGES),
+        "excluded": {"example_ct_sm": "a crop of example_ct (same voxels): neither trained on nor evaluated"},
+        "families": {},
+    }
+    for family in families:
+        recipe = RECIPES[family]
+        logger.info(f"=== training {family} on {TRAIN_IMAGES} ({recipe.organs}) ===")
+        stats = train_family(recipe, work, args.quick, args.seed)
+        _, held_dir = build_datastores(work, recipe.organs)
+        train_dir, _ = build_datastores(work, recipe.organs)
+        if MODEL_SPECS[family].task == "classification":
+            held_out = evaluate_classification(family, work, held_dir, recipe.organs)
+            training = evaluate_classification(family, work, train_dir, recipe.organs)
+        else:
+            held_out = evaluate_segmentation(family, work, held_dir)
+            training = evaluate_segmentation(family, work, train_dir)
+        report["families"][family] = {
+            "organs": list(recipe.organs),
+            "request": stats.get("request"),
+            "train_seconds": stats.get("train_seconds"),
+            "final_train_metric": stats.get("best_metric"),
+            "int8_agreement_on_calibration": (stats.get("published") or {}).get("int8_agreement"),
+            "held_out": held_out,
+            "training_images": training,
+        }
+        logger.info(f"{family}: held-out {json.dumps(held_out)}")
+    report["files"] = publish_bundle(work, Path(args.out).resolve(), families)
+    report["total_seconds"] = round(time.time() - started, 1)
+    notes = Path(args.out).resolve() / "bundled_weights.json"
+    previous = json.loads(notes.read_text()) if notes.exists() else {}
+    if previous and set(families) != set(previous.get("families", {})):
+        merged_families = dict(previous.get("families", {}))
+        merged_families.update(report["families"])
+        merged_files = dict(previous.get("files", {}))
+        merged_files.update(report["files"])
+        report["families"], report["files"] = merged_families, merged_files
+    tmp = notes.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, notes)
+    print(json.dumps({f: v["held_out"] for f, v in report["families"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""networks.model_card: parameters, MACs (counter + rules), energy, real file sizes, JSON and radar PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from networks.blocks.local_self_attention import LocalSelfAttention, LocalSelfAttentionBlock
+from networks.factory import create_model
+from networks.model_card import (
+    ENERGY_PJ,
+    count_macs,
+    count_parameters,
+    energy_joules,
+    main,
+    model_card,
+    radar_chart,
+    register_mac_rule,
+    save_model_cards,
+)
+from networks.quantization import quantize_int8, save_int8_artifact
+
+
+def _conv_linear_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),  # 16x16 out
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),  # 8x8 out
+        nn.BatchNorm2d(6),
+        nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 10),
+        nn.Linear(10, 3),
+    )
+
+
+def test_parameter_count_closed_form():
+    net = _conv_linear_net()
+    expected = (4 * 1 * 9 + 4) + (6 * 4 * 9) + 2 * 6 + (384 * 10 + 10) + (10 * 3 + 3)
+    assert count_parameters(net) == expected
+    assert count_parameters(create_model("sadnn_seg")) == 7_971_298  # paper (with relative embeddings)
+    assert count_parameters(create_model("sadnn_cls")) == 4_563_102
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_macs_of_conv_linear_net_equal_closed_form(batch):
+    net = _conv_linear_net()
+    expected = batch * (4 * 1 * 9 * 16 * 16 + 6 * 4 * 9 * 8 * 8 + 384 * 10 + 10 * 3)
+    macs = count_macs(net, (batch, 1, 16, 16))
+    assert macs == {"macs": expected, "macs_counted": expected, "macs_rules": 0}
+    # counting on real tensors gives the same
+    assert count_macs(net, (batch, 1, 16, 16), device="cpu")["macs"] == expected
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, shape, kernel_size", [(2, (2, 3, 12, 10), 3), (3, (1, 3, 6, 5, 4), 3), (2, (1, 3, 8, 8), 1)]
+)
+def test_local_self_attention_rule(spatial_dims, shape, kernel_size):
+    torch.manual_seed(0)
+    c_in, c_out = shape[1], 8
+    layer = LocalSelfAttention(spatial_dims, c_in, c_out, kernel_size=kernel_size)
+    pixels = shape[0] * math.prod(shape[2:])
+    projections = 3 * c_in * c_out * pixels
+    core = 2 * kernel_size**spatial_dims * c_out * pixels
+    macs = count_macs(layer, shape)
+    assert macs == {"macs": projections + core, "macs_counted": projections, "macs_rules": core}
+    # inside a block with BN/ReLU and next to a conv: rule applies per layer, the conv is counted normally
+    conv = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(c_out, 2, 1)
+    net = nn.Sequential(LocalSelfAttentionBlock(spatial_dims, c_in, c_out, kernel_size), conv)
+    assert count_macs(net, shape)["macs"] == projections + core + 2 * c_out * pixels
+
+
+def test_rule_replaces_only_the_modules_own_counted_ops():
+    class MatmulAttention(nn.Module):
+        """Own matmul (seen by the counter) plus a child projection."""
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):  # x: (B, N, 4)
+            p = self.proj(x)
+            return torch.softmax(p @ p.transpose(1, 2), -1) @ p
+
+    x_shape = (2, 5, 4)
+    proj = 2 * 5 * 4 * 4
+    own = 2 * (5 * 5 * 4) * 2  # two bmm of B x (5x4 @ 4x5) and (5x5 @ 5x4)
+    assert count_macs(MatmulAttention(), x_shape)["macs"] == proj + own
+    register_mac_rule(MatmulAttention, lambda module, inputs, output: 7)
+    assert count_macs(MatmulAttention(), x_shape) == {"macs": proj + 7, "macs_counted": proj, "macs_rules": 7}
+
+    @register_mac_rule(MatmulAttention)
+    def _rule(module, inputs, output):
+        return 11
+
+    assert count_macs(nn.Sequential(MatmulAttention(), MatmulAttention()), x_shape)["macs"] == 2 * (proj + 11)
+    with pytest.raises(TypeError):
+        register_mac_rule(int, _rule)
+
+
+def test_energy_arithmetic():
+    assert ENERGY_PJ == {"int8": {"mul": 0.2, "add": 0.03}, "fp32": {"mul": 3.7, "add": 0.9}}
+    assert energy_joules(10**12, "fp32") == pytest.approx(4.6)
+    assert energy_joules(10**12, "int8") == pytest.approx(0.23)
+    assert energy_joules(0, "int8") == 0.0
+    with pytest.raises(ValueError, match="precision"):
+        energy_joules(1, "fp16")
+    with pytest.raises(ValueError, match="non-negative"):
+        energy_joules(-1, "fp32")
+
+
+def test_card_sizes_are_real_file_sizes_and_energy_follows_macs(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("sadnn_seg_small").eval()
+    calibration = [torch.randn(2, 1, 32, 32) for _ in range(2)]
+    int8 = quantize_int8(model, calibration)
+    artifact = save_int8_artifact(int8, calibration[0], tmp_path / "int8.pt")
+    card = model_card(
+        model,
+        (1, 1, 64, 64),
+        name="seg",
+        int8_artifact_path=artifact,
+        fp32_state_dict_path=tmp_path / "fp32.pt",
+    )
+    assert card["fp32_size_bytes"] == (tmp_path / "fp32.pt").stat().st_size
+    assert card["int8_size_bytes"] == artifact.stat().st_size
+    assert card["size_ratio"] == pytest.approx(card["int8_size_bytes"] / card["fp32_size_bytes"])
+    assert card["params"] == 126_846
+    assert card["macs"] == count_macs(model, (1, 1, 64, 64))["macs"]
+    assert card["energy_fp32_j"] == pytest.approx(card["macs"] * 4.6e-12)
+    assert card["energy_int8_j"] == pytest.approx(card["macs"] * 0.23e-12)
+    assert card["precision"] == "int8" and card["input_shape"] == [1, 1, 64, 64]
+    json.dumps(card)  # JSON-serialisable
+
+    # from the INT8 model: a temporary artifact of the same network has nearly the same size
+    card2 = model_card(model, (1, 1, 64, 64), name="seg", int8_model=int8)
+    assert abs(card2["int8_size_bytes"] - card["int8_size_bytes"]) < 1024
+    fp32_only = model_card(model, (1, 1, 64, 64), name="seg")
+    assert fp32_only["int8_size_bytes"] is None and fp32_only["energy_int8_j"] is None
+    assert fp32_only["precision"] == "fp32"
+    with pytest.raises(ValueError, match="either"):
+        model_card(model, (1, 1, 64, 64), name="x", int8_model=int8, int8_artifact_path=artifact)
+    with pytest.raises(FileNotFoundError):
+        model_card(model, (1, 1, 64, 64), name="x", int8_artifact_path=tmp_path / "missing.pt")
+
+
+def _fake_cards():
+    return [
+        {"name": "a", "params": 100, "macs": 10**9, "fp32_size_bytes": 400, "int8_size_bytes": 110,
+         "energy_fp32_j": 4.6e-3, "energy_int8_j": 2.3e-4},
+        {"name": "b", "params": 10, "macs": 10**7, "fp32_size_bytes": 40, "int8_size_bytes": None,
+         "energy_fp32_j": 4.6e-5, "energy_int8_j": None},
+    ]
+
+
+@pytest.mark.parametrize("scale", ["log", "linear"])
+def test_json_and_radar_png(tmp_path, scale):
+    cards = _fake_cards()
+    json_path = save_model_cards(cards, tmp_path / "out" / "cards.json")
+    assert json.loads(json_path.read_text()) == cards
+    png = radar_chart(cards, tmp_path / "out" / "radar.png", scale=scale)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cards.json", "radar.png"]
+    with pytest.raises(ValueError, match="at least one card"):
+        radar_chart([{"name": "c", "params": 1, "macs": 1}], tmp_path / "x.png")
+
+
+def test_cli_writes_cards(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--models", "sadnn_seg_small", "sadnn_cls_small", "unet_baseline"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((tmp_path / "model_cards.json").read_text())
+    assert printed == stored
+    assert [c["name"] for c in stored] == ["sadnn_seg_small", "sadnn_cls_small", "unet_baseline"]
+    for card in stored:
+        assert card["int8_size_bytes"] == (tmp_path / "artifacts" / f"{card['name']}_int8.pt").stat().st_size
+        assert card["fp32_size_bytes"] == (tmp_path / "artifacts" / f"{card['name']}_fp32_state_dict.pt").stat().st_size
+        assert "random calibration" in card["int8_size_source"]
+        assert 0 < card["energy_int8_j"] < card["energy_fp32_j"]
+    assert (tmp_path / "model_cards_radar.png").read_bytes()[:4] == b"\x89PNG"
