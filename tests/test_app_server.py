@@ -250,8 +250,6 @@ def test_bundled_int8_reproduces_fp32_twin(server: ServerHandle):
 
 
 # ----------------------------------------------------------------------------------- classification
-# Known bug (issue 3 stays open): the resampled saliency leaks into the slice next to the classified one.
-@pytest.mark.xfail(strict=True, reason="saliency map is non-zero on a neighbouring slice after resampling")
 def test_classification_probabilities_and_rise_saliency(server: ServerHandle, tmp_path: Path):
     r = _infer(server, "sadnn_cls_int8", "example_ct_dicom", {"slice": 7, "rise_masks": 64})
     assert r.status_code == 200, r.text
