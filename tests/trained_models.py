@@ -4,7 +4,7 @@ The data are TotalSegmentator's ``example_ct.nii.gz`` (abdomen CT, 3 mm) and its
 (``example_seg_fast_force_split.nii.gz``; liver = class 5), fetched by :mod:`sample_data`. Axial slices are HU-windowed
 to [-200, 300] -> [0, 1], normalised to zero mean / unit variance and resized to a fixed square size; 3D samples are
 crops of the resized abdomen volume.
-Even slices (and the first half of the 3D crops) train and calibrate, odd slices are held out for evaluation.
+Even slices (and four of the eight 3D crops) train and calibrate; odd slices (the other crops) are held out.
 
 Trained weights are cached as :mod:`networks.checkpoint` files under ``<data dir>/test_cache`` keyed by a hash of
 the training configuration (and this module's data preparation version), so only the first run pays for training.
@@ -77,11 +77,11 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# Pure self-attention nets (SaDNN) start with sharply peaked attention: without SASA's missing 1/sqrt(d), q . k has
-# a std of 5-25 at init. Query projections initialised 10x smaller start near-uniform, train within ~100 steps and end
-# far better conditioned: SaDNN-seg trained with soft Dice alone and default init reached logits of ~250 and was so
-# sensitive that INT8 rounding of any single encoder layer moved its liver masks by 20-30 % (Dice 0.64 INT8 vs FP32).
-# 64 x 64 slices keep a step near 0.2-0.4 s on two cores.
+# Pure self-attention nets (SaDNN) start with sharply peaked attention: with no 1/sqrt(d) scaling (SASA has none),
+# q . k has a std of 5-25 at init. Query projections initialised 10x smaller start near-uniform, train within ~100
+# steps and end far better conditioned: SaDNN-seg trained with soft Dice alone and default init reached logits of ~250
+# and was so sensitive that INT8 rounding of any single encoder layer moved its liver masks by 20-30 % (Dice 0.64
+# INT8 vs FP32). 64 x 64 slices keep a step near 0.2-0.4 s on two cores.
 CONFIGS: dict[str, TrainConfig] = {
     "sadnn_seg_small_2d": TrainConfig(
         "sadnn_seg_small", {"dropout": 0.0}, steps=120, learning_rate=1e-3, loss="dicece", query_init_scale=0.1
