@@ -18,6 +18,9 @@ of the INT8 artifact vs the FP32 network on held-out real CT slices (example_ct)
 other slices (``tests/trained_models.py``, cached). Full runs time the paper-size networks (random weights, INT8
 calibrated on real CT slices) and measure agreement on the trained small variants of the same architecture (the
 ``agreement_model`` field says which); ``--quick`` times the small variants themselves with fewer repeats.
+Networks: SaDNN-seg, SaDNN-cls, the U-net baseline, and the attention classifiers HCT (Performer FAVOR+),
+Efficient Scopeformer (CNN ensemble + re-attention ViT) and PatchConvNet (class attention), whose agreement is that of
+the multi-label organ-presence decisions (``logit > 0``) of the trained small variants.
 
 Unless ``OMP_WAIT_POLICY`` is already set, it is set to PASSIVE before torch starts: on a CPU shared with other busy
 processes, OpenMP threads that spin-wait made every 2-thread parallel region ~50 ms slower (measured: a tiny conv
@@ -70,11 +73,32 @@ FULL_SPECS = [
     Spec("sadnn_seg", "sadnn_seg", {}, (8, 1, 256, 256), "sadnn_seg_small_2d"),
     Spec("sadnn_cls", "sadnn_cls", {}, (4, 1, 512, 512), "sadnn_cls_small_2d"),
     Spec("unet_baseline", "unet_baseline", {}, (8, 1, 256, 256), "unet_baseline_2d"),
+    # attention classifiers at their papers' sizes: a 2048 x 1664 mammogram, 3-window CT at 256 (8 x 8 grid), 224 RGB
+    Spec("hct", "hct", {}, (1, 1, 2048, 1664), "hct_small_cls_2d"),
+    Spec("scopeformer", "scopeformer", {}, (2, 3, 256, 256), "scopeformer_small_cls_2d"),
+    Spec("patchconvnet", "patchconvnet_s60", {}, (4, 3, 224, 224), "patchconvnet_small_cls_2d"),
 ]
+_ORGANS = 6  # the organ-presence labels of the trained small classifiers (tests.trained_models.ORGAN_CLASSES)
 QUICK_SPECS = [
     Spec("sadnn_seg", "sadnn_seg_small", {}, (8, 1, 256, 256), "sadnn_seg_small_2d"),
     Spec("sadnn_cls", "sadnn_cls_small", {}, (4, 1, 128, 128), "sadnn_cls_small_2d"),
     Spec("unet_baseline", "unet_baseline", {}, (8, 1, 128, 128), "unet_baseline_2d"),
+    # the trained small variants themselves, at their training sizes (see tests/trained_models.py)
+    Spec("hct", "hct_small", {"out_channels": _ORGANS, "strides": (2, 1, 1, 1, 1)}, (8, 1, 64, 64), "hct_small_cls_2d"),
+    Spec(
+        "scopeformer",
+        "scopeformer_small",
+        {"in_channels": 1, "out_channels": _ORGANS},
+        (8, 1, 128, 128),
+        "scopeformer_small_cls_2d",
+    ),
+    Spec(
+        "patchconvnet",
+        "patchconvnet_small",
+        {"in_channels": 1, "out_channels": _ORGANS},
+        (8, 1, 128, 128),
+        "patchconvnet_small_cls_2d",
+    ),
 ]
 
 
@@ -83,16 +107,21 @@ def log(message: str) -> None:
 
 
 def real_batch(shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
-    """``shape`` = (B, C, S, S): B consecutive real axial CT slices (example_ct, HU-windowed and normalised as in
-    tests/trained_models.py) resized to S x S, repeated over the C channels."""
+    """``shape`` = (B, C, H, W): B consecutive real axial CT slices (example_ct, HU-windowed and normalised as in
+    tests/trained_models.py) resized to H x W, repeated over the C channels. Sizes above 512 or non-square ones are
+    interpolated from the 512 x 512 slices (only the B slices used are enlarged)."""
+    import torch.nn.functional as F
+
     from tests.trained_models import ct_slices
 
     batch, channels, height, width = shape
-    if height != width:
-        raise ValueError(f"square slices only, got {height} x {width}")
-    slices = ct_slices(height).images
+    square = height == width and height <= 512
+    slices = ct_slices(height if square else 512).images
     index = [(offset + i) % slices.shape[0] for i in range(batch)]
-    return slices[index].repeat(1, channels, 1, 1).contiguous()
+    chosen = slices[index]
+    if not square:
+        chosen = F.interpolate(chosen, size=(height, width), mode="bilinear", align_corners=False)
+    return chosen.repeat(1, channels, 1, 1).contiguous()
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -268,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile candidate: 'auto' (default; off with --quick) compiles networks without local "
         "self-attention only, 'all' compiles every network, 'off' none. See COMPILE_NOTE.",
     )
-    parser.add_argument("--models", nargs="*", default=None, help="subset of sadnn_seg sadnn_cls unet_baseline")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        help="subset of sadnn_seg sadnn_cls unet_baseline hct scopeformer patchconvnet",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:

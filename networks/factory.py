@@ -159,6 +159,22 @@ register_model("scopeformer_small")(
         grid=4,
     )
 )
+register_model("scopeformer_tiny")(
+    _with_defaults(
+        Scopeformer,
+        "Scopeformer small enough to bundle and train on a 2-core CPU: ResNet-10 + ResNet-18 backbones at 1/8 width "
+        "(MONAI widen_factor), baseline tokens (4 x 4 patches + CLS, so attention rollout applies), d 64, 2 layers, "
+        "4 heads; ~0.36M parameters.",
+        backbones=("resnet10", "resnet18"),
+        backbone_width=0.125,
+        dim=64,
+        depth=2,
+        heads=4,
+        mlp_dim=256,
+        grid=4,
+        mode="baseline",
+    )
+)
 # PatchConvNet (Touvron et al.): convolutional trunk with class-attention pooling.
 register_model("patchconvnet_s60")(
     _with_defaults(PatchConvNet, "PatchConvNet S60: d 384, 60 blocks, 1000 classes, 25,231,096 parameters.")

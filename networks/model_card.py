@@ -1,7 +1,10 @@
 """Model cards: parameters, multiply-accumulates, FP32/INT8 file sizes and the 45 nm energy estimate per forward.
 
 MACs come from :class:`torch.utils.flop_counter.FlopCounterMode` for the convolutions and matrix products it sees
-(it reports FLOPs = 2 x MACs). Attention cores that no counter sees correctly (local self-attention is built from
+(it reports FLOPs = 2 x MACs). That covers the token attentions written with ``torch.matmul``/``einsum``: the
+Performer's random-feature projections and linear-attention products (HCT), the Nystrom kernels and pseudo-inverse,
+re-attention's q k^T, head mixing and maps x V (Scopeformer) and class attention (PatchConvNet); the tests check them
+against closed forms. Attention cores that no counter sees correctly (local self-attention is built from
 elementwise products and slices, plus one matmul for the relative term) get a *MAC rule*: a function of the module
 and its output registered with :func:`register_mac_rule`. For a module with a rule, whatever the counter saw in the
 module's own code (outside its child modules, e.g. the projections) is replaced by the rule's count.
@@ -9,7 +12,9 @@ module's own code (outside its child modules, e.g. the projections) is replaced 
 Energy follows the SaDNN paper's 45 nm / 0.9 V table (one MAC = one multiply + one add):
 INT8 multiply 0.2 pJ, add 0.03 pJ; FP32 multiply 3.7 pJ, add 0.9 pJ. As in the paper, the INT8 figure prices every
 MAC at INT8 cost (the INT8 artifact runs the projections as INT8 convs and the attention core's q.k and weighted
-value sums in integer arithmetic; softmax, BatchNorm and pooling are not MACs).
+value sums in integer arithmetic; softmax, BatchNorm and pooling are not MACs). The token attentions of HCT,
+Scopeformer and PatchConvNet keep their activation x activation products in float, so cards also give
+``macs_int8`` (what really runs in integer arithmetic) and ``energy_int8_mixed_j`` (the rest priced at FP32).
 
 Run ``python -m networks.model_card [--out DIR]`` to print the cards of the registered networks and write
 ``model_cards.json`` and ``model_cards_radar.png``.
@@ -40,6 +45,7 @@ __all__ = [
     "mac_rules",
     "count_parameters",
     "count_macs",
+    "count_int8_macs",
     "energy_joules",
     "state_dict_size_bytes",
     "model_card",
@@ -168,6 +174,9 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], *, device: str | to
     if len(input_shape) < 2 or any(s < 1 for s in input_shape):
         raise ValueError(f"input_shape must be (batch, channels, *spatial) with positive sizes, got {input_shape}")
     work = copy.deepcopy(model).eval().to(device)
+    # FlopCounterMode's module tracker hooks the gradients of module inputs that require grad; a view of a parameter
+    # made under no_grad (PatchConvNet's expanded class token) requires grad without a grad_fn and makes it fail
+    work.requires_grad_(False)
     example = torch.zeros(input_shape, device=device)
     counter, rule_macs = _run_counted(work, example)
     per_module = counter.get_flop_counts()
@@ -183,6 +192,47 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], *, device: str | to
     counted_macs = (total_flops - own_flops_replaced) // 2
     rules = sum(macs for _, macs in rule_macs.values())
     return {"macs": int(counted_macs + rules), "macs_counted": int(counted_macs), "macs_rules": int(rules)}
+
+
+def count_int8_macs(model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "meta") -> int:
+    """MACs of one forward pass that :func:`networks.quantization.quantize_int8` turns into integer arithmetic.
+
+    Those are the Conv/Linear leaves it quantises and the local self-attention layers (projections + fused INT8
+    core, by their MAC rule); the rest of :func:`count_macs` stays float in the INT8 network: the products of the
+    token attentions (Performer, Nystrom, re-attention, class attention), transposed convolutions, and everything in
+    modules registered float-only.
+    """
+    _register_builtin_rules()
+    import copy
+
+    from networks.quantization.quantize import _select_targets
+
+    work = copy.deepcopy(model).eval().to(device)
+    work.requires_grad_(False)
+    attention, leaves, _ = _select_targets(work)
+    total = 0
+
+    def leaf_hook(module, inputs, output):
+        nonlocal total
+        per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
+        total += output.numel() * per_output
+
+    def attention_hook(module, inputs, output):
+        nonlocal total
+        total += int(_rule_for(module)(module, inputs, output))
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [m.register_forward_hook(leaf_hook) for _, m in leaves]
+    for _, layer in attention:
+        handles.append(layer.register_forward_hook(attention_hook))
+        handles.extend(c.register_forward_hook(leaf_hook) for c in layer.modules() if isinstance(c, convs))
+    try:
+        with torch.no_grad():
+            work(torch.zeros(tuple(int(s) for s in input_shape), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(total)
 
 
 def energy_joules(macs: int, precision: str) -> float:
@@ -236,7 +286,10 @@ def model_card(
 
     Returns:
         JSON-serialisable dictionary with ``name, params, macs, macs_counted, macs_rules, fp32_size_bytes,
-        int8_size_bytes, int8_size_source, size_ratio, energy_fp32_j, energy_int8_j, precision, input_shape``.
+        int8_size_bytes, int8_size_source, size_ratio, energy_fp32_j, energy_int8_j, macs_int8,
+        energy_int8_mixed_j, precision, input_shape``. ``energy_int8_j`` prices every MAC at INT8 cost (the SaDNN
+        paper's convention); ``macs_int8`` (:func:`count_int8_macs`) are the MACs the INT8 network really runs in
+        integer arithmetic and ``energy_int8_mixed_j`` prices the others (float attention products) at FP32 cost.
         INT8 fields are None without INT8 information.
     """
     if int8_model is not None and int8_artifact_path is not None:
@@ -261,6 +314,10 @@ def model_card(
         int8_size_source = int8_size_source or "artifact saved from the given INT8 model"
 
     energy_int8 = energy_joules(macs["macs"], "int8") if int8_size is not None else None
+    macs_int8 = min(count_int8_macs(model, input_shape, device=mac_device), macs["macs"])
+    energy_mixed = None
+    if int8_size is not None:
+        energy_mixed = energy_joules(macs_int8, "int8") + energy_joules(macs["macs"] - macs_int8, "fp32")
     if precision is None:
         precision = "int8" if int8_size is not None else "fp32"
     return {
@@ -275,6 +332,8 @@ def model_card(
         "size_ratio": (int8_size / fp32_size) if int8_size is not None else None,
         "energy_fp32_j": energy_joules(macs["macs"], "fp32"),
         "energy_int8_j": energy_int8,
+        "macs_int8": macs_int8,
+        "energy_int8_mixed_j": energy_mixed,
         "precision": precision,
         "input_shape": input_shape,
     }
@@ -394,6 +453,16 @@ CARD_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] 
     "sadnn_cls_small": ({}, (1, 1, 128, 128), (1, 1, 128, 128)),
     "unet_baseline": ({}, (1, 1, 256, 256), (1, 1, 32, 32)),
     "resnet18_baseline": ({}, (1, 1, 512, 512), (1, 1, 64, 64)),
+    # Issue 5 attention classifiers. Paper sizes: HCT on a 2048 x 1664 mammogram (2 classes), Scopeformer on
+    # 3-window 256 x 256 CT slices (the smallest input giving its 8 x 8 grid without repeated backbone features,
+    # 6 labels), PatchConvNet-S60 on 224 x 224 RGB (1000 classes). Small variants with the kwargs and input sizes
+    # of their trained configurations in tests/trained_models.py (6 organ-presence labels).
+    "hct": ({}, (1, 1, 2048, 1664), (1, 1, 256, 256)),
+    "hct_small": ({"out_channels": 6, "strides": (2, 1, 1, 1, 1)}, (1, 1, 64, 64), (1, 1, 64, 64)),
+    "scopeformer": ({}, (1, 3, 256, 256), (1, 3, 256, 256)),
+    "scopeformer_small": ({"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128), (1, 1, 128, 128)),
+    "patchconvnet_s60": ({}, (1, 3, 224, 224), (1, 3, 64, 64)),
+    "patchconvnet_small": ({"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128), (1, 1, 128, 128)),
 }
 
 

@@ -269,3 +269,20 @@ def test_forward_peak_memory_within_three_times_input_plus_output():
     budget = 3 * (report["input"] + report["output"])
     # the output itself must be resident, so a growth below it would mean the measurement is broken
     assert report["output"] <= report["growth"] <= budget, report
+
+
+def test_scale_query_init_scales_only_query_projections():
+    from networks import SaDNNSeg
+    from networks.blocks import scale_query_init
+
+    torch.manual_seed(0)
+    model = SaDNNSeg(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 8, 8, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = scale_query_init(model, 0.1)
+    n_attention = sum(isinstance(m, LocalSelfAttention) for m in model.modules())
+    assert changed == n_attention > 0
+    for key, value in model.state_dict().items():
+        expected = before[key] * 0.1 if key.endswith("query.weight") else before[key]
+        torch.testing.assert_close(value, expected)
+    with pytest.raises(ValueError, match="positive"):
+        scale_query_init(model, 0.0)

@@ -13,6 +13,7 @@ from networks.blocks.local_self_attention import LocalSelfAttention, LocalSelfAt
 from networks.factory import create_model
 from networks.model_card import (
     ENERGY_PJ,
+    count_int8_macs,
     count_macs,
     count_parameters,
     energy_joules,
@@ -132,6 +133,7 @@ def test_card_sizes_are_real_file_sizes_and_energy_follows_macs(tmp_path):
     assert card["macs"] == count_macs(model, (1, 1, 64, 64))["macs"]
     assert card["energy_fp32_j"] == pytest.approx(card["macs"] * 4.6e-12)
     assert card["energy_int8_j"] == pytest.approx(card["macs"] * 0.23e-12)
+    assert card["macs_int8"] == card["macs"] and card["energy_int8_mixed_j"] == pytest.approx(card["energy_int8_j"])
     assert card["precision"] == "int8" and card["input_shape"] == [1, 1, 64, 64]
     json.dumps(card)  # JSON-serialisable
 
@@ -185,3 +187,100 @@ def test_cli_writes_cards(tmp_path, capsys):
         assert "random calibration" in card["int8_size_source"]
         assert 0 < card["energy_int8_j"] < card["energy_fp32_j"]
     assert (tmp_path / "model_cards_radar.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------- attention classifiers (HCT, Scopeformer, PatchConvNet)
+
+
+def test_counter_covers_token_attention_matmuls():
+    """FlopCounterMode sees the matrix products of the Performer, re-attention and class attention (closed forms)."""
+    from networks.blocks import ClassAttention, PerformerAttention, ReAttention
+
+    batch, tokens, dim, heads = 2, 10, 16, 4
+    d = dim // heads
+    performer = PerformerAttention(dim, heads, kernel="softmax", num_features=7)
+    m = performer.num_features
+    projections = 4 * tokens * dim * dim
+    # phi(Q), phi(K): N d m per head each; phi(K)^T V and phi(Q) (phi(K)^T V): N m d each; normaliser N m
+    favor = heads * (2 * tokens * d * m + 2 * tokens * m * d + tokens * m)
+    for device in ("meta", "cpu"):
+        assert count_macs(performer, (batch, tokens, dim), device=device)["macs"] == batch * (projections + favor)
+
+    reattention = ReAttention(dim, heads, reattention=True, norm="batch")
+    # qkv + proj; q k^T and maps x V: N^2 d per head each; Theta mixing: h^2 per map entry
+    expected = batch * (4 * tokens * dim * dim + 2 * tokens * tokens * dim + tokens * tokens * heads * heads)
+    assert count_macs(reattention, (batch, tokens, dim))["macs"] == expected
+
+    class_attention = ClassAttention(dim, heads=1)
+    # q of the class token, k and v of all 1 + N tokens, proj of the class token; q k^T and weights x V: (1 + N) C
+    expected = batch * (2 * dim * dim + 2 * tokens * dim * dim + 2 * tokens * dim)
+    assert count_macs(class_attention, (batch, tokens, dim))["macs"] == expected
+
+
+def _conv_and_linear_macs(model: nn.Module, shape) -> tuple[int, int]:
+    """MACs of the Conv/Linear layers alone (all, and without grouped convs), from hooks on real tensors."""
+    totals = [0, 0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            macs = output.numel() * module.in_features
+        else:
+            macs = output.numel() * module.weight[0].numel()
+        totals[0] += macs
+        if getattr(module, "groups", 1) == 1:
+            totals[1] += macs
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(shape))
+    for handle in handles:
+        handle.remove()
+    return totals[0], totals[1]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, shape",
+    [
+        ("hct_small", {"out_channels": 6, "strides": (2, 1, 1, 1, 1)}, (1, 1, 64, 64)),
+        ("patchconvnet_small", {"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128)),
+        ("scopeformer_small", {"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128)),
+    ],
+)
+def test_attention_classifier_macs_cover_convs_linears_and_attention(name, kwargs, shape):
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).eval()
+    macs = count_macs(model, shape)
+    floor, ungrouped = _conv_and_linear_macs(model, shape)
+    # everything is counted by FlopCounterMode (no rule modules) and the attention products add to the conv/linear MACs
+    assert macs["macs_rules"] == 0 and macs["macs"] == macs["macs_counted"]
+    assert floor < macs["macs"] < 1.5 * floor
+    assert count_macs(model, shape, device="cpu")["macs"] == macs["macs"]
+    # the INT8 network runs exactly the (ungrouped) conv/linear MACs in integer arithmetic; the attention products
+    # and the depthwise convs stay float
+    assert count_int8_macs(model, shape) == ungrouped
+
+
+def test_int8_macs_of_local_attention_nets_are_all_macs():
+    model = create_model("sadnn_seg_small")
+    assert count_int8_macs(model, (1, 1, 64, 64)) == count_macs(model, (1, 1, 64, 64))["macs"]
+
+
+def test_paper_size_attention_classifier_cards(tmp_path):
+    from networks.model_card import registered_model_cards
+
+    names = ["hct", "patchconvnet_s60", "scopeformer"]
+    cards = {card["name"]: card for card in registered_model_cards(names, out_dir=tmp_path)}
+    assert cards["hct"]["params"] == 1_737_010
+    assert cards["patchconvnet_s60"]["params"] == 25_231_096
+    # S60 at 224 x 224: the trunk alone is 60 blocks x (2 x 384^2 + 9 x 384 + SE) x 196 tokens ~ 3.5 GMACs
+    assert 3.0e9 < cards["patchconvnet_s60"]["macs"] < 5.0e9
+    # HCT on a 2048 x 1664 mammogram: the 7x7 stem alone is 16 x 49 x 1024 x 832 ~ 0.67 GMACs
+    assert 0.67e9 < cards["hct"]["macs"] < 20e9
+    # three CNN backbones (DenseNet-121 ~ 2.9 GMACs at 224) and an 8-layer transformer at 256 x 256
+    assert 2e9 < cards["scopeformer"]["macs"] < 20e9
+    for card in cards.values():
+        assert card["int8_size_bytes"] < card["fp32_size_bytes"], card
+        assert card["size_ratio"] < 0.5, card
+        assert 0 < card["energy_int8_j"] < card["energy_int8_mixed_j"] < card["energy_fp32_j"]
+        assert 0 < card["macs_int8"] < card["macs"]
+        assert card["int8_size_bytes"] == (tmp_path / "artifacts" / f"{card['name']}_int8.pt").stat().st_size

@@ -184,3 +184,21 @@ def test_invalid_configurations():
     with torch.no_grad():  # any input of at least 32 pixels works, even below 32 * grid
         logits = Scopeformer(backbones=("resnet10",), **TINY).eval()(torch.randn(1, 3, 32, 32))
     assert logits.shape == (1, 6) and math.isfinite(float(logits[0, 0]))
+
+
+def test_narrow_resnet_backbones_for_cpu_sized_models():
+    """``backbone_width`` narrows ResNet backbones (MONAI widen_factor); the app's ``scopeformer_tiny`` uses it."""
+    from networks.factory import create_model
+
+    narrow = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125)
+    assert narrow.out_channels == 64 and count_parameters(narrow) == 77_640  # 8-16-32-64 channels
+    assert narrow(torch.zeros(1, 1, 64, 64)).shape == (1, 64, 2, 2)
+    with pytest.raises(ValueError, match="ResNet backbones only"):
+        BackboneFeatures("densenet121", width=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        BackboneFeatures("resnet10", width=0.0)
+    torch.manual_seed(0)
+    tiny = create_model("scopeformer_tiny", in_channels=1, out_channels=5).eval()
+    assert tiny.mode == "baseline" and count_parameters(tiny) == 359_077
+    with torch.no_grad():
+        assert tiny(torch.randn(2, 1, 128, 128)).shape == (2, 5)

@@ -9,6 +9,7 @@ from .local_self_attention import (
     local_attention_torch,
     register_attention_backend,
     relative_axis_groups,
+    scale_query_init,
     window_offsets,
 )
 from .nystrom_attention import NystromAttention
@@ -28,5 +29,6 @@ __all__ = [
     "local_attention_torch",
     "register_attention_backend",
     "relative_axis_groups",
+    "scale_query_init",
     "window_offsets",
 ]

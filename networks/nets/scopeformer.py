@@ -76,17 +76,23 @@ class BackboneFeatures(nn.Module):
         name: one of :data:`SCOPEFORMER_BACKBONES`.
         spatial_dims: 2 or 3.
         in_channels: input channels.
+        width: channel multiplier of ResNet backbones (MONAI's ``widen_factor``; e.g. 0.125 gives 8..64 channels
+            for CPU-sized models); other families only accept 1.0.
 
     Shapes:
         ``(B, in_channels, *S) -> (B, out_channels, *S / 32)``.
     """
 
-    def __init__(self, name: str, spatial_dims: int = 2, in_channels: int = 3) -> None:
+    def __init__(self, name: str, spatial_dims: int = 2, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
         if name not in SCOPEFORMER_BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(SCOPEFORMER_BACKBONES)}.")
         self.name = name
         self.family = SCOPEFORMER_BACKBONES[name]
+        if not width > 0:
+            raise ValueError(f"backbone width must be positive, got {width!r}.")
+        if width != 1.0 and self.family != "resnet":
+            raise ValueError(f"backbone width {width} applies to ResNet backbones only, not {name!r}.")
         self.net: nn.Module
         if self.family == "densenet":
             densenet = getattr(monai_nets, name.replace("densenet", "DenseNet"))
@@ -103,7 +109,11 @@ class BackboneFeatures(nn.Module):
         else:
             # the standard MONAI factory (1x1-conv shortcuts) with an ImageNet-style stride-2 first convolution
             net = getattr(monai_nets, name)(
-                spatial_dims=spatial_dims, n_input_channels=in_channels, conv1_t_stride=2, feed_forward=False
+                spatial_dims=spatial_dims,
+                n_input_channels=in_channels,
+                conv1_t_stride=2,
+                feed_forward=False,
+                widen_factor=width,
             )
             self.out_channels = net.in_planes
         self.net = net
@@ -191,6 +201,7 @@ class Scopeformer(nn.Module):
         freeze_backbones: make the backbones non-trainable.
         reattention: re-attention (``True``) or plain multi-head attention (``False``).
         reattention_norm: ``"batch"``, ``"layer"`` or ``None``.
+        backbone_width: channel multiplier of ResNet backbones (see :class:`BackboneFeatures`), for CPU-sized models.
 
     Shapes:
         ``(B, in_channels, *S) -> (B, out_channels)``; each side of ``S`` at least ``32 * grid`` to avoid
@@ -214,6 +225,7 @@ class Scopeformer(nn.Module):
         freeze_backbones: bool = False,
         reattention: bool = True,
         reattention_norm: str | None = "batch",
+        backbone_width: float = 1.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -252,7 +264,9 @@ class Scopeformer(nn.Module):
         self.width = width
         self.use_cls = mode != "efficient"
 
-        self.backbones = nn.ModuleList(BackboneFeatures(name, spatial_dims, in_channels) for name in backbones)
+        self.backbones = nn.ModuleList(
+            BackboneFeatures(name, spatial_dims, in_channels, backbone_width) for name in backbones
+        )
         for backbone in self.backbones:
             if backbone.name in backbone_weights:
                 backbone.load_weights(backbone_weights[backbone.name])

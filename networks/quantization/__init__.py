@@ -6,6 +6,7 @@
 """
 
 from networks.quantization.agreement import prediction_agreement
+from networks.quantization.float_parts import describe_float_parts, float_compute_reasons, register_float_compute
 from networks.quantization.artifact import (
     ARTIFACT_FORMAT,
     ArtifactError,
@@ -36,7 +37,9 @@ __all__ = [
     "QuantizedLocalSelfAttention",
     "SUPPORTED_BACKENDS",
     "cpu_has_vnni",
+    "describe_float_parts",
     "export_torchscript",
+    "float_compute_reasons",
     "float_module_types",
     "fused_fp32_model",
     "kernel_library_path",
@@ -47,6 +50,7 @@ __all__ = [
     "quantize_int8",
     "quantized_engine",
     "read_artifact_metadata",
+    "register_float_compute",
     "register_float_module",
     "save_fp32_artifact",
     "save_int8_artifact",

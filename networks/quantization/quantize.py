@@ -2,12 +2,16 @@
 
 What is quantised (eager-mode static, PyTorch QuantizedCPU):
 
-- every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` leaf becomes :class:`~networks.quantization.modules.QuantizedLeaf`
+- every ungrouped ``nn.Conv1d/2d/3d`` and every ``nn.Linear`` leaf becomes
+  :class:`~networks.quantization.modules.QuantizedLeaf`
   (quantise input -> INT8 conv/linear -> dequantise);
 - every :class:`~networks.blocks.local_self_attention.LocalSelfAttention` becomes
   :class:`~networks.quantization.modules.QuantizedLocalSelfAttention` (input quantised once, three INT8 projections,
   fused INT8 attention core on their quint8 outputs, float relative-embedding term);
-- everything else stays float: BatchNorm, activations, pooling (with indices), unpooling, interpolation, softmax,
+- everything else stays float (``int8_summary`` lists it, :mod:`networks.quantization.float_parts`): the
+  arithmetic of linear/re-/class-attention cores (activation x activation products, softmax, FAVOR+ feature maps),
+  grouped/depthwise convolutions (slower in INT8 than FP32 on x86/fbgemm, unless ``quantize_grouped_convs``),
+  LayerNorm, BatchNorm, activations, pooling (with indices), unpooling, interpolation, softmax,
   residual adds, transposed convolutions (eager INT8 ``ConvTranspose`` is wrong on x86/fbgemm/onednn), and every
   module whose type is registered with :func:`register_float_module` (attention internals of other networks).
 
@@ -35,6 +39,7 @@ from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from networks.blocks.local_self_attention import LocalSelfAttention
+from networks.quantization.float_parts import describe_float_parts
 from networks.quantization.modules import QuantizedLeaf, QuantizedLocalSelfAttention
 
 __all__ = [
@@ -285,8 +290,14 @@ def _is_float_only(module: nn.Module) -> bool:
     return any(isinstance(module, t) for t in _FLOAT_MODULE_TYPES)
 
 
+# INT8 depthwise convs measured on the x86/fbgemm engines (2 threads, 8 x 240 x 16 x 16): 1.5-3x slower than FP32
+# with symmetric padding, 50-100x slower without (fbgemm's fallback path; EfficientNet pads explicitly, then convolves
+# unpadded). Only onednn ran them at FP32 speed.
+GROUPED_CONV_REASON = "grouped/depthwise conv kept float (INT8 depthwise is slower than FP32 on x86/fbgemm)"
+
+
 def _select_targets(
-    model: nn.Module, keep_float: frozenset[str] = frozenset()
+    model: nn.Module, keep_float: frozenset[str] = frozenset(), quantize_grouped_convs: bool = False
 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], list[str]]:
     """(attention layers, conv/linear leaves, names kept float with reasons) in module order; each module once."""
     attention, leaves, kept_float = [], [], []
@@ -306,6 +317,9 @@ def _select_targets(
             attention.append((prefix, module))
             return
         kind = _leaf_kind(module)
+        if kind == "conv" and module.groups > 1 and not quantize_grouped_convs:
+            kept_float.append(f"{prefix}: {type(module).__name__}(groups={module.groups}), {GROUPED_CONV_REASON}")
+            return
         if kind is not None:
             leaves.append((prefix, module))
             return
@@ -360,6 +374,7 @@ def quantize_int8(
     reduce_range: bool | None = None,
     keep_float: Iterable[str] = (),
     equalize_values: bool = True,
+    quantize_grouped_convs: bool = False,
 ) -> nn.Module:
     """INT8 copy of a trained FP32 network, calibrated on ``calibration``.
 
@@ -376,10 +391,16 @@ def quantize_int8(
         equalize_values: per-channel equalisation of each attention layer's values before their per-tensor
             quantisation (see :func:`_value_equalization`); the undoing scale is folded into a BatchNorm that
             directly follows the layer in a Sequential, else applied to the layer's output.
+        quantize_grouped_convs: also quantise grouped (depthwise) convolutions; off by default because they run
+            slower in INT8 than in FP32 on x86/fbgemm (see ``GROUPED_CONV_REASON``; PatchConvNet's and
+            EfficientNet's depthwise convs), so they stay float and are listed in ``kept_float``.
 
     Returns:
         the INT8 network in eval mode, on the CPU. Its attribute ``int8_summary`` lists what was quantised
-        (``attention``, ``leaves``) and what was kept float (``kept_float``), plus ``backend`` and ``reduce_range``.
+        (``attention``, ``leaves``) and what was kept float (``kept_float``: quantisable layers left float, with the
+        reason; ``float_layers``: counts of the other leaf types, e.g. LayerNorm, GELU; ``float_compute``: attention
+        cores whose own arithmetic stays float, with the reason, see :mod:`networks.quantization.float_parts`), plus
+        ``backend`` and ``reduce_range``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -391,7 +412,7 @@ def quantize_int8(
     unknown = sorted(keep_float - known)
     if unknown:
         raise ValueError(f"keep_float names no module of {type(model).__name__}: {unknown}")
-    attention, leaves, kept_float = _select_targets(work, keep_float)
+    attention, leaves, kept_float = _select_targets(work, keep_float, quantize_grouped_convs)
     if not attention and not leaves:
         raise ValueError(f"{type(model).__name__} has no Conv1d/2d/3d, Linear or LocalSelfAttention layer to quantise")
     float_attention = [m for m in work.modules() if isinstance(m, LocalSelfAttention)]
@@ -487,5 +508,6 @@ def quantize_int8(
         _replace_modules(work, replacements)
     work.eval()
     summary.update(backend=backend, reduce_range=bool(reduce_range), calibration_batches=n_batches)
+    summary.update(describe_float_parts(work, (QuantizedLeaf, QuantizedLocalSelfAttention)))
     work.int8_summary = summary
     return work
