@@ -1,5 +1,6 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""MedAttnSlicer MONAI Label app: SaDNN-seg, SaDNN-cls and the MONAI UNet baseline in FP32 and INT8.
+"""MedAttnSlicer MONAI Label app: SaDNN-seg, the MONAI UNet baseline and the classifiers SaDNN-cls, HCT,
+Efficient Scopeformer and PatchConvNet (with explanation maps), in FP32 and INT8.
 
     monailabel start_server --app monailabel_app --studies DIR --conf models all --host 127.0.0.1 --port 8000
 
@@ -40,6 +41,7 @@ from monailabel_app.lib.configs import CONFIGS  # noqa: E402
 from monailabel_app.lib.datastore import SafeLocalDatastore  # noqa: E402
 from monailabel_app.lib.errors import BadInputError, NotFoundError  # noqa: E402
 from monailabel_app.lib.infers.base import AppInferTask  # noqa: E402
+from monailabel_app.lib.infers.classification import ClassificationInfer  # noqa: E402
 from monailabel_app.lib.infers.segmentation import SegmentationInfer  # noqa: E402
 from monailabel_app.lib.model_cards import ModelCards  # noqa: E402
 from monailabel_app.lib.model_store import NetworkCache  # noqa: E402
@@ -166,6 +168,9 @@ class MedAttnSlicerApp(MONAILabelApp):
             model["default"] = name == default
             model["family"] = task.spec.family
             model["task"] = task.spec.task
+            if isinstance(task, ClassificationInfer):
+                model["explanations"] = list(task.explanations)
+                model["default_explanation"] = task.default_explanation
             try:
                 model["model_card"] = self.cards.get(name, task.files, task.precision, task.spec.int8)
             except Exception as err:  # a card must never take /info down

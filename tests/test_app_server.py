@@ -85,7 +85,7 @@ def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelCl
     assert models["sadnn_seg_int8"]["labels"] == {"liver": 1}
     assert set(info["strategies"]) == {"random", "first", "tta_uncertainty", "int8_disagreement"}
     assert set(info["scoring"]) == {"over_under", "int8_agreement"}
-    assert set(info["trainers"]) == {"sadnn_seg", "sadnn_cls"}
+    assert set(info["trainers"]) == {"sadnn_seg", "sadnn_cls", "hct_cls", "scopeformer_cls", "patchconvnet_cls"}
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -105,15 +105,15 @@ def test_infer_with_monailabel_client(server: ServerHandle, client: MONAILabelCl
 # Known shortfall (issue 3 stays open): the bundled small SaDNN-seg does not generalise to the held-out DICOM CT
 # (Dice ~0.0001 against the TotalSegmentator label). strict=True: once better weights are bundled this XPASSes and
 # fails, so the mark must then be removed.
-@pytest.mark.xfail(strict=True, reason="bundled sadnn_seg weights do not yet generalise to the held-out CT")
 @pytest.mark.parametrize("model", ["sadnn_seg_int8", "sadnn_seg_fp32"])
 def test_bundled_model_held_out_dice(server: ServerHandle, client: MONAILabelClient, model: str):
     label_file, _ = client.infer(model, "example_ct_dicom", {})
     label, _ = _label_array(label_file)
     reference, _ = _label_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
     dice = 2 * np.sum((label == 1) & (reference == 1)) / (np.sum(label == 1) + np.sum(reference == 1))
-    # the bundled model's held-out Dice against the TotalSegmentator label (see monailabel_app/README.md)
-    assert dice > 0.5, dice
+    # the bundled model's held-out Dice against the TotalSegmentator label (see monailabel_app/README.md): measured
+    # 0.84 (FP32) and 0.84 (INT8) by train_bundled through the same infer tasks
+    assert dice > 0.75, dice
 
 
 def test_unet_baseline_and_3d_variant(server: ServerHandle):
@@ -243,7 +243,6 @@ def test_over_under_against_final_label_and_fp32_twin(server: ServerHandle):
     assert missing.status_code == 404 and "original" in missing.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="bundled sadnn_seg INT8 artifact agrees poorly with its FP32 twin (Dice ~0.41)")
 def test_bundled_int8_reproduces_fp32_twin(server: ServerHandle):
     twin = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "sadnn_seg_fp32"}).json()
     assert twin["comparison"]["dice"] > 0.8  # INT8 reproduces its FP32 twin
@@ -254,7 +253,7 @@ def test_classification_probabilities_and_rise_saliency(server: ServerHandle, tm
     r = _infer(server, "sadnn_cls_int8", "example_ct_dicom", {"slice": 7, "rise_masks": 64})
     assert r.status_code == 200, r.text
     result = r.json()
-    assert result["slice"] == 7 and result["saliency"] == "RISE"
+    assert result["slice"] == 7 and result["saliency"] == "rise" and result["saliency_precision"] == "int8"
     probabilities = result["probabilities"]
     assert set(probabilities) == {"liver", "spleen", "kidney_right", "kidney_left", "stomach"}
     assert all(0.0 <= p <= 1.0 for p in probabilities.values())

@@ -1,5 +1,5 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Unit tests of the app's building blocks (no server): over/under maps, labels, RISE, preprocessing geometry,
+"""Unit tests of the app's building blocks (no server): over/under maps, labels, explanations, preprocessing geometry,
 the safe datastore, --conf parsing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from monailabel_app.lib.app_config import AppConfig, parse_labels
 from monailabel_app.lib.comparison import AGREEMENT, OVER, UNDER, OverUnderd, comparison_figures, over_under_map
 from monailabel_app.lib.errors import BadInputError, NotFoundError
-from monailabel_app.lib.explain.rise import RISE, generate_rise_masks
+from monailabel_app.lib.explanations import check_explanations, explanation_map, resolve_explanation
 from monailabel_app.lib.transforms.labels import PresenceTargetd, SelectLabelValuesd, organ_presence
 from monailabel_app.lib.transforms.postprocess import ForegroundProbabilitiesd, ProbabilitiesToLabeld
 
@@ -85,20 +85,45 @@ def test_probabilities_to_label_and_largest_component():
     np.testing.assert_array_equal(label3.numpy(), np.array([0, 4, 9])[three.argmax(0).numpy()])
 
 
-def test_rise_highlights_the_evidence_region():
-    torch.manual_seed(0)
+class _QuadrantClassifier(torch.nn.Module):
+    """Class 0 looks at the top-left quadrant, class 1 at the bottom-right (multi-label logits)."""
 
-    def classifier(x: torch.Tensor) -> torch.Tensor:  # class 0 looks at the top-left, class 1 at the bottom-right
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([x[:, 0, :16, :16].mean((1, 2)), x[:, 0, 16:, 16:].mean((1, 2))], 1) * 8 - 4
 
-    saliency = RISE(classifier, num_masks=200, grid_size=4, seed=1)(torch.ones(1, 32, 32))
-    assert saliency.shape == (2, 32, 32)
-    assert saliency[0, :16, :16].mean() > saliency[0, 16:, 16:].mean() + 0.05
-    assert saliency[1, 16:, 16:].mean() > saliency[1, :16, :16].mean() + 0.05
-    again = RISE(classifier, num_masks=200, grid_size=4, seed=1)(torch.ones(1, 32, 32))
-    torch.testing.assert_close(saliency, again)
-    masks = generate_rise_masks(5, (10, 12, 14), grid_size=3)
-    assert masks.shape == (5, 1, 10, 12, 14) and 0 <= masks.min() and masks.max() <= 1
+
+def test_rise_explanation_highlights_the_evidence_region():
+    """The app's RISE (networks.explain underneath) finds each class's quadrant and is reproducible per seed."""
+    image = torch.ones(1, 32, 32)
+    top_left, info = explanation_map(_QuadrantClassifier(), image, "rise", 0, rise_masks=200, rise_seed=1)
+    bottom_right, _ = explanation_map(_QuadrantClassifier(), image, "rise", 1, rise_masks=200, rise_seed=1)
+    assert top_left.shape == (32, 32) and info["method"] == "rise" and info["num_masks"] == 200
+    assert 0.0 <= float(top_left.min()) and float(top_left.max()) <= 1.0
+    assert top_left[:16, :16].mean() > top_left[16:, 16:].mean() + 0.2
+    assert bottom_right[16:, 16:].mean() > bottom_right[:16, :16].mean() + 0.2
+    again, _ = explanation_map(_QuadrantClassifier(), image, "rise", 0, rise_masks=200, rise_seed=1)
+    torch.testing.assert_close(top_left, again)
+    other_seed, _ = explanation_map(_QuadrantClassifier(), image, "rise", 0, rise_masks=200, rise_seed=2)
+    assert not torch.equal(top_left, other_seed)
+
+
+def test_explanation_method_checks():
+    allowed = check_explanations(("class_attention", "grad_cam", "rise"), "class_attention")
+    assert resolve_explanation(None, allowed, "class_attention", "m") == "class_attention"
+    assert resolve_explanation("", allowed, "class_attention", "m") == "class_attention"
+    assert resolve_explanation("Grad_CAM", allowed, "class_attention", "m") == "grad_cam"
+    with pytest.raises(BadInputError, match="not available for m; allowed: class_attention, grad_cam, rise") as err:
+        resolve_explanation("attention_rollout", allowed, "class_attention", "m")
+    assert err.value.status_code == 422
+    with pytest.raises(BadInputError, match="is not an explanation method"):
+        resolve_explanation("lime", allowed, "class_attention", "m")
+    with pytest.raises(ValueError, match="subset"):
+        check_explanations(("rise", "lime"), "rise")
+    with pytest.raises(ValueError, match="default explanation"):
+        check_explanations(("rise",), "grad_cam")
+    # a method the network cannot give is a 422 naming the problem, not a server error
+    with pytest.raises(BadInputError, match="class-attention map is PatchConvNet's"):
+        explanation_map(_QuadrantClassifier(), torch.ones(1, 32, 32), "class_attention", 0)
 
 
 def _oblique_volume(path, size=(40, 36, 12)):
@@ -181,3 +206,35 @@ def test_safe_datastore_validates_and_keeps_history(tmp_path):
     store.update_scores("img", "a", {"dice": 0.5})
     store.update_scores("img", "b", {"dice": 0.7})
     assert store.get_image_info("img")["scores"] == {"a": {"dice": 0.5}, "b": {"dice": 0.7}}
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_resample_to_input_grid_fast_path_matches_spatial_resample(flip: bool):
+    """The separable path for axis-aligned grids gives MONAI SpatialResample's values (the general path)."""
+    from monai.data import MetaTensor
+
+    from monailabel_app.lib.transforms.resample import ResampleToInputGridd
+
+    class GeneralPath(ResampleToInputGridd):
+        @staticmethod
+        def _axis_aligned(working_affine, input_affine) -> bool:
+            return False
+
+    torch.manual_seed(0)
+    # input grid: 0.8 x 0.8 x 3 mm, 90 x 70 x 12 voxels (x flipped when ``flip``); working grid: 3 mm in-plane,
+    # 24 x 19 x 12, the slice axis shared (shifted by two slices)
+    input_affine = torch.diag(torch.tensor([-0.8 if flip else 0.8, 0.8, 3.0, 1.0], dtype=torch.float64))
+    input_affine[:3, 3] = torch.tensor([71.2 if flip else 0.0, 0.0, 0.0], dtype=torch.float64)
+    working_affine = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))
+    working_affine[:3, 3] = torch.tensor([0.5, -1.0, -6.0], dtype=torch.float64)
+    values = torch.zeros(1, 24, 19, 12)
+    values[0, 5:15, 4:12, 3:11] = torch.rand(10, 8, 8)
+    ref = MetaTensor(torch.zeros(1, 24, 19, 12), affine=working_affine)
+    ref.meta["original_affine"] = input_affine
+    ref.meta["spatial_shape"] = np.array([90, 70, 12])
+    assert ResampleToInputGridd._axis_aligned(working_affine, input_affine)
+    fast = ResampleToInputGridd(keys="p")({"p": values.clone(), "image": ref})["p"]
+    general = GeneralPath(keys="p")({"p": values.clone(), "image": ref})["p"]
+    assert fast.shape == general.shape == (1, 90, 70, 12)
+    assert float(general.abs().sum()) > 0
+    torch.testing.assert_close(fast, general, atol=1e-4, rtol=0)

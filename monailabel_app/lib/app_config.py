@@ -21,13 +21,19 @@ MODEL_NAMES: dict[str, tuple[str, str]] = {
     "unet_seg_fp32": ("unet_seg", "fp32"),
     "sadnn_cls_int8": ("sadnn_cls", "int8"),
     "sadnn_cls_fp32": ("sadnn_cls", "fp32"),
+    "hct_cls_int8": ("hct_cls", "int8"),
+    "hct_cls_fp32": ("hct_cls", "fp32"),
+    "scopeformer_cls_int8": ("scopeformer_cls", "int8"),
+    "scopeformer_cls_fp32": ("scopeformer_cls", "fp32"),
+    "patchconvnet_cls_int8": ("patchconvnet_cls", "int8"),
+    "patchconvnet_cls_fp32": ("patchconvnet_cls", "fp32"),
     "sadnn_seg3d_fp32": ("sadnn_seg3d", "fp32"),
 }
 FAMILY_OF = {name: family for name, (family, _) in MODEL_NAMES.items()}
 
 CONF_HELP = {
-    "models": "'all' (default) or a comma list of families (sadnn_seg, unet_seg, sadnn_cls, sadnn_seg3d) and/or "
-    "model names (" + ", ".join(MODEL_NAMES) + ")",
+    "models": "'all' (default) or a comma list of families (" + ", ".join(dict.fromkeys(FAMILY_OF.values())) + ") "
+    "and/or model names (" + ", ".join(MODEL_NAMES) + ")",
     "labels": "segmentation labels and their datastore values: 'liver' (default), 'liver,spleen' (values 1, 2), "
     "'liver=5,spleen=1', or a JSON object",
     "model_dir": "folder trained weights are published to (default <app>/model/trained); bundled weights stay in "
@@ -35,7 +41,7 @@ CONF_HELP = {
     "modality": "'auto' (default: CT when the image holds air below -500 HU), 'ct' or 'mr'",
     "preload": "'true' to load every network at start-up (default false: on first use, warmed up in the background)",
     "batch_size": "slices per network call (default 16)",
-    "rise_masks": "RISE masks per saliency map (default 256)",
+    "rise_masks": "RISE masks per explanation map (default 256)",
     "threads": "torch CPU threads (default: torch's choice)",
     "auto_update_scoring": "'true' to rerun every scoring method after training/active learning (default false)",
 }

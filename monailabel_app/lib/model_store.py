@@ -2,7 +2,8 @@
 """Where each served network's files live, how they are loaded (and reloaded when they change), and how trained
 networks are published.
 
-Every model *family* (``sadnn_seg``, ``unet_seg``, ``sadnn_cls``, ``sadnn_seg3d``) has two files per folder:
+Every model *family* (``sadnn_seg``, ``unet_seg``, ``sadnn_cls``, ``hct_cls``, ``scopeformer_cls``,
+``patchconvnet_cls``, ``sadnn_seg3d``) has two files per folder:
 
 - ``<family>.pt``: FP32 checkpoint (:mod:`networks.checkpoint`: factory name + kwargs + weights + metadata);
 - ``<family>_int8.pt``: INT8 TorchScript artifact (:mod:`networks.quantization`), when the family has one.
@@ -36,6 +37,7 @@ __all__ = [
     "file_version",
     "read_app_metadata",
     "load_network",
+    "load_eager_network",
     "publish_files",
 ]
 
@@ -94,6 +96,34 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             2,
             True,
             "SaDNN-cls (local self-attention classifier): per-slice multi-label organ presence, RISE saliency",
+        ),
+        ModelSpec(
+            "hct_cls",
+            "classification",
+            "hct_small",
+            {"in_channels": 1},
+            2,
+            True,
+            "HCT (attention-convolution ResNet-22, Performer FAVOR+), small: per-slice multi-label organ presence",
+        ),
+        ModelSpec(
+            "scopeformer_cls",
+            "classification",
+            "scopeformer_tiny",
+            {"in_channels": 1},
+            2,
+            True,
+            "Efficient Scopeformer (CNN backbones + re-attention ViT, baseline tokens), tiny: per-slice multi-label "
+            "organ presence",
+        ),
+        ModelSpec(
+            "patchconvnet_cls",
+            "classification",
+            "patchconvnet_small",
+            {"in_channels": 1},
+            2,
+            True,
+            "PatchConvNet (conv trunk + class-attention pooling), small: per-slice multi-label organ presence",
         ),
         ModelSpec(
             "sadnn_seg3d",
@@ -173,6 +203,15 @@ def read_app_metadata(path: str) -> dict[str, Any]:
     return dict(meta.get("app", {}))
 
 
+def load_eager_network(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An FP32 checkpoint rebuilt through the factory as plain PyTorch modules (eval mode) with its full metadata:
+    differentiable and hookable, as Grad-CAM, attention rollout and class-attention maps need."""
+    from networks.checkpoint import load_checkpoint
+
+    model, metadata = load_checkpoint(path)
+    return model.eval(), metadata
+
+
 def load_network(path: str, precision: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a served network and its ``metadata["app"]``.
 
@@ -183,9 +222,7 @@ def load_network(path: str, precision: str) -> tuple[torch.nn.Module, dict[str, 
         from networks.quantization import load_int8_artifact
 
         return load_int8_artifact(path), read_app_metadata(path)
-    from networks.checkpoint import load_checkpoint
-
-    model, metadata = load_checkpoint(path)
+    model, metadata = load_eager_network(path)
     try:
         from networks.quantization import fused_fp32_model
 
@@ -206,16 +243,23 @@ class NetworkCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[tuple, Any, dict]] = {}
 
-    def get(self, path: str, loader: Callable[[str], tuple[Any, dict]]) -> tuple[Any, dict, bool]:
-        """``(network, metadata, reloaded)`` for ``path``; ``loader(path)`` runs on first use or after a change."""
+    def get(
+        self, path: str, loader: Callable[[str], tuple[Any, dict]], variant: str = ""
+    ) -> tuple[Any, dict, bool]:
+        """``(network, metadata, reloaded)`` for ``path``; ``loader(path)`` runs on first use or after a change.
+
+        ``variant`` keeps several networks built from one file apart (e.g. ``"eager"``: the FP32 checkpoint without
+        the fused attention kernel, which gradient-based explanations need).
+        """
+        entry = f"{path}#{variant}" if variant else path
         with self._lock:
             key = _stat_key(path)
-            cached = self._entries.get(path)
+            cached = self._entries.get(entry)
             if cached is not None and cached[0] == key:
                 return cached[1], cached[2], False
             network, metadata = loader(path)
             # the file may have been replaced while loading: keying on the pre-load stat makes the next call reload
-            self._entries[path] = (key, network, metadata)
+            self._entries[entry] = (key, network, metadata)
             if cached is not None:
                 logger.info(f"reloaded {path}: new model file (mtime/size changed)")
             return network, metadata, True

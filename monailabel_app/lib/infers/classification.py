@@ -1,10 +1,12 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Classification infer task: per-class probabilities of a 2D image or one axial slice of a volume, with a RISE
-saliency map written on the input grid (zero outside the classified slice)."""
+"""Classification infer task: per-class probabilities of a 2D image or one axial slice of a volume, with an
+explanation map (RISE, Grad-CAM, attention rollout or class attention) written on the input grid (zero outside the
+classified slice)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,11 +15,11 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from monailabel_app.lib.errors import BadInputError
-from monailabel_app.lib.explain.rise import RISE
+from monailabel_app.lib.errors import BadInputError, NotFoundError
+from monailabel_app.lib.explanations import NEEDS_EAGER_FP32, explanation_map, resolve_explanation
 from monailabel_app.lib.image_io import write_on_grid
 from monailabel_app.lib.infers.base import AppInferTask
-from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
+from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache, file_version, load_eager_network
 from monailabel_app.lib.transforms.resample import ResampleToInputGridd
 
 __all__ = ["ClassificationInfer", "axial_axis", "working_slice_index"]
@@ -48,11 +50,20 @@ def working_slice_index(
 
 
 class ClassificationInfer(AppInferTask):
-    """Per-class (multi-label) probabilities and a RISE saliency map.
+    """Per-class (multi-label) probabilities and an explanation map.
 
     Request parameters (all optional): ``slice``: index along the volume's axial axis (the index axis closest to
-    superior-inferior; default the middle slice); ``saliency_class``: class name or index explained (default the most
-    probable class); ``rise_masks`` (default 256), ``rise_seed`` (default 0).
+    superior-inferior; default the middle slice); ``explain``: one of ``explanations`` (default
+    ``default_explanation``); ``saliency_class``: class name or index explained (default the most probable class);
+    ``rise_masks`` (default 256), ``rise_seed`` (default 0) for RISE.
+
+    RISE explains the served network itself (an INT8 model's INT8 artifact); the other methods need gradients or
+    attention weights, so they run on the eager FP32 checkpoint (for an INT8 model: its FP32 twin file).
+
+    Args (beyond :class:`AppInferTask`'s):
+        rise_masks: default RISE masks per map.
+        explanations: request names of the methods that apply to this network (:mod:`monailabel_app.lib.explanations`).
+        default_explanation: the method used when the request names none.
     """
 
     def __init__(
@@ -67,7 +78,11 @@ class ClassificationInfer(AppInferTask):
         default: bool = False,
         modality: str = "auto",
         rise_masks: int = 256,
+        explanations: Sequence[str] = ("rise",),
+        default_explanation: str = "rise",
     ) -> None:
+        self.explanations = tuple(explanations)
+        self.default_explanation = default_explanation
         super().__init__(
             name,
             spec,
@@ -79,7 +94,13 @@ class ClassificationInfer(AppInferTask):
             default,
             modality,
             InferType.CLASSIFICATION,
-            config={"slice": -1, "saliency_class": "", "rise_masks": rise_masks, "rise_seed": 0},
+            config={
+                "slice": -1,
+                "explain": default_explanation,
+                "saliency_class": "",
+                "rise_masks": rise_masks,
+                "rise_seed": 0,
+            },
         )
 
     def _labels_from_metadata(self, metadata: dict[str, Any]) -> list[str]:
@@ -89,6 +110,10 @@ class ClassificationInfer(AppInferTask):
         return list(classes)
 
     def pre_transforms(self, data=None):
+        # an unavailable method is refused before any image work
+        data["_explain"] = resolve_explanation(
+            data.get("explain"), self.explanations, self.default_explanation, self.name
+        )
         header, _, transforms = self.prepare(data)
         if header.dims == 3:
             direction = np.asarray(header.direction, dtype=np.float64).reshape(3, 3)
@@ -133,15 +158,22 @@ class ClassificationInfer(AppInferTask):
         with torch.no_grad():
             probabilities = torch.sigmoid(network(image[None]).float())[0]
         index = self._class_index(data, probabilities)
-        rise = RISE(
-            network,
-            num_masks=max(8, int(data.get("rise_masks") or 256)),
-            activation="sigmoid",
-            seed=int(data.get("rise_seed") or 0),
-        )
-        saliency = rise(image)[index]  # (H, W)
+        method = data["_explain"]
+        if method in NEEDS_EAGER_FP32:
+            explainer, data["_explainer"] = self._eager_fp32(), "fp32"
+        else:
+            explainer, data["_explainer"] = network, self.precision
+        saliency, info = explanation_map(
+            explainer,
+            image,
+            method,
+            index,
+            rise_masks=int(data.get("rise_masks") or 256),
+            rise_seed=int(data.get("rise_seed") or 0),
+        )  # (H, W)
         data["probabilities"] = probabilities
         data["_saliency_class"] = index
+        data["_explain_info"] = info
         if data[self.input_key].ndim == 4:
             volume = torch.zeros(data[self.input_key].shape, dtype=torch.float32)
             volume[0, ..., data["_working_slice"]] = saliency
@@ -150,6 +182,17 @@ class ClassificationInfer(AppInferTask):
         # a MetaTensor, so Invertd applies the inverse of the image's spatial transforms to it
         data["pred"] = MetaTensor(volume)
         return data
+
+    def _eager_fp32(self) -> torch.nn.Module:
+        """The current FP32 checkpoint as plain PyTorch modules (no fused kernel), cached and reloaded on change."""
+        path = self.files.current("fp32")
+        if not path:
+            raise NotFoundError(
+                f"{self.name}: the {', '.join(NEEDS_EAGER_FP32)} explanations need the FP32 checkpoint "
+                f"{self.files.filename('fp32')}, which is missing; use explain 'rise'."
+            )
+        network, _, _ = self.cache.get(path, load_eager_network, variant="eager")
+        return network
 
     def post_transforms(self, data=None):
         # the saliency goes back onto the input grid: volumes by physical-space resampling (only the classified
@@ -178,9 +221,31 @@ class ClassificationInfer(AppInferTask):
                 "probabilities": {name: round(float(p), 6) for name, p in zip(classes, probabilities)},
                 "prediction": [name for name, p in zip(classes, probabilities) if p >= 0.5],
                 "saliency_class": classes[data["_saliency_class"]] if classes else data["_saliency_class"],
-                "saliency": "RISE",
+                **self._explanation_result(data),
                 "slice": data.get("_slice"),
                 "image_size": list(data["_header"].size),
             }
         )
         return path, result
+
+    def _explanation_result(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Result fields describing the explanation map: which method, on which network, class-specific or not."""
+        info = data["_explain_info"]
+        fields: dict[str, Any] = {
+            "saliency": data["_explain"],
+            "saliency_precision": data["_explainer"],
+            "saliency_class_specific": bool(info.get("class_specific", True)),
+        }
+        if info.get("layer") is not None:
+            fields["saliency_layer"] = info["layer"]
+        if data["_explain"] == "rise":
+            fields["rise_masks"] = info.get("num_masks")
+        if data["_explainer"] != self.precision:
+            twin = self.files.current("fp32")
+            fields["saliency_model_version"] = file_version(twin)
+            fields["saliency_note"] = (
+                f"{data['_explain']} needs gradients or attention weights, which the INT8 TorchScript artifact does "
+                f"not expose: the map was computed on the FP32 twin checkpoint ({file_version(twin)['file']}) of "
+                "the same training run; the probabilities are the INT8 model's"
+            )
+        return fields

@@ -50,7 +50,8 @@ class SliceClassificationInferer(Inferer):
 
 
 class ClassificationTrain(SegmentationTrain):
-    """Train SaDNN-cls on per-slice organ presence; classes are the app's labels (``--conf labels``).
+    """Train a classifier family (SaDNN-cls, HCT, Scopeformer, PatchConvNet: the network comes from the family's
+    :class:`ModelSpec`) on per-slice organ presence; classes are the app's labels (``--conf labels``).
 
     Request parameters as :class:`~monailabel_app.lib.trainers.segmentation.SegmentationTrain`, with
     ``pos_ratio`` (default 0.5: half the slices drawn centred on an organ) and ``learning_rate`` (3e-4).

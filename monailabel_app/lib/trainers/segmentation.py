@@ -1,6 +1,6 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """Segmentation train task (MONAI Label ``BasicTrainTask``): 2D slices sampled from the labelled volumes,
-foreground-weighted, MONAI ``DiceLoss``; validation Dice on whole volumes slice by slice; at the end the INT8
+foreground-weighted, MONAI ``DiceLoss`` (or ``DiceCELoss``); validation Dice on whole volumes slice by slice; at the end the INT8
 artifact is re-quantised on the datastore's labelled images and FP32 + INT8 are published atomically."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from monai.handlers import LrScheduleHandler, MeanDice, from_engine
 from monai.inferers import SimpleInferer, SliceInferer
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -60,7 +60,10 @@ class SegmentationTrain(BasicTrainTask):
     Request parameters (``POST /train/<family>``): ``max_epochs`` (default 10), ``train_batch_size`` (volumes per
     step, default 2), ``num_samples`` (slices drawn per volume per step, default 8), ``learning_rate`` (1e-3),
     ``val_split`` (0.2), ``pos_ratio`` (fraction of slices centred on foreground, 2/3), ``calibration_slices`` (32),
-    ``pretrained`` (start from the served weights, default true), ``seed`` (0).
+    ``pretrained`` (start from the served weights, default true), ``seed`` (0), ``loss`` (``"dice"``: MONAI
+    ``DiceLoss``, default; ``"dicece"``: ``DiceCELoss``, Dice + cross-entropy, which trains SaDNN from scratch far
+    more reliably), ``query_init_scale`` (multiplies the query projections of a network started from random weights,
+    default 0.1; see :func:`networks.blocks.scale_query_init`).
 
     Args:
         spec: the family.
@@ -92,6 +95,8 @@ class SegmentationTrain(BasicTrainTask):
                 "dataset": "CacheDataset",
                 "dataloader": "DataLoader",
                 "pretrained": True,
+                "loss": "dice",
+                "query_init_scale": 0.1,
                 "multi_gpu": False,
                 "tracking": "None",
             },
@@ -217,6 +222,10 @@ class SegmentationTrain(BasicTrainTask):
             pretrained=bool(context.request.get("pretrained", True)),
         )
         context.factory = (factory_name, factory_kwargs, start_meta)
+        if not start_meta:  # random weights: soften the initial attention (no effect on nets without SASA layers)
+            from networks.blocks import scale_query_init
+
+            scale_query_init(model, float(context.request.get("query_init_scale", 0.1)))
         return model
 
     def optimizer(self, context: Context):
@@ -232,9 +241,13 @@ class SegmentationTrain(BasicTrainTask):
         return LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)
 
     def loss_function(self, context: Context):
-        return DiceLoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
-        )
+        name = str(context.request.get("loss", "dice")).lower()
+        options = dict(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        if name == "dice":
+            return DiceLoss(**options, smooth_nr=1e-5, smooth_dr=1e-5)
+        if name == "dicece":
+            return DiceCELoss(**options, smooth_nr=1e-5, smooth_dr=1e-5)
+        raise ValueError(f"unknown loss {name!r}: use 'dice' or 'dicece'")
 
     def train_inferer(self, context: Context):
         return SimpleInferer()

