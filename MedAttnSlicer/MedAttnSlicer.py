@@ -44,6 +44,10 @@ from MedAttnSlicerLib import (
     ServerUrlHistory,
     compose_label_map,
     default_model,
+    explanation_title,
+    heat_map_colors,
+    heat_map_from_saliency,
+    heat_map_indices,
     model_cards,
     overlay_from_comparison_map,
     overlay_from_masks,
@@ -63,7 +67,9 @@ REFERENCE_CHOICES = [
     ("Twin model in the other precision, e.g. FP32 of INT8 (server)", workflows.REFERENCE_TWIN),
 ]
 
-SALIENCY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
+#: The heat-map colour node (cold-to-hot from MedAttnSlicerLib.heatmap; entry 0 = not explained, transparent).
+HEAT_MAP_COLOR_NODE_NAME = "MedAttnSlicer heat map"
+HEAT_MAP_COLORS = 256
 
 
 #
@@ -261,26 +267,51 @@ class MedAttnSlicerLogic(ScriptedLoadableModuleLogic):
             _removeVolumeNode(labelNode)
         return path
 
-    def showSaliency(self, path, volumeNode, opacity=0.5, sliceIndex=None):
-        """Saliency map as a heat-map foreground over ``volumeNode``; jumps to the classified slice."""
+    def showSaliency(self, path, volumeNode, method="rise", sliceIndex=None, opacity=0.5):
+        """The server's saliency map as a heat-map foreground over ``volumeNode``; jumps to its peak.
+
+        MedAttnSlicerLib rescales the float map over the classified slice and turns it into colour-table
+        indices (0 = not explained, kept transparent); here they only go into a volume and a colour node.
+        Returns (heat-map volume node, HeatMap).
+        """
         saliencyNode = slicer.util.loadVolume(path, {"name": f"{volumeNode.GetName()} saliency", "show": False})
+        directions = vtk.vtkMatrix4x4()
+        saliencyNode.GetIJKToRASDirectionMatrix(directions)
+        direction = [directions.GetElement(row, column) for row in range(3) for column in range(3)]
+        heatMap = heat_map_from_saliency(slicer.util.arrayFromVolume(saliencyNode), method, direction, sliceIndex)
+        slicer.util.updateVolumeFromArray(saliencyNode, heat_map_indices(heatMap, HEAT_MAP_COLORS))
+        saliencyNode.SetName(f"{volumeNode.GetName()} {explanation_title(heatMap.method)}")
+
         displayNode = saliencyNode.GetDisplayNode()
-        for colorNodeId in SALIENCY_COLOR_NODE_IDS:
-            if slicer.mrmlScene.GetNodeByID(colorNodeId):
-                displayNode.SetAndObserveColorNodeID(colorNodeId)
-                break
-        values = slicer.util.arrayFromVolume(saliencyNode)
-        high = float(values.max()) if values.size else 1.0
+        displayNode.SetAndObserveColorNodeID(self.heatMapColorNode().GetID())
         displayNode.AutoWindowLevelOff()
-        displayNode.SetWindowLevelMinMax(0.0, high if high > 0 else 1.0)
+        displayNode.SetWindowLevelMinMax(0, HEAT_MAP_COLORS - 1)
+        displayNode.SetInterpolate(False)
+        displayNode.AutoThresholdOff()
+        displayNode.SetThreshold(0.5, HEAT_MAP_COLORS)  # index 0 (not explained) stays transparent
+        displayNode.ApplyThresholdOn()
         slicer.util.setSliceViewerLayers(background=volumeNode, foreground=saliencyNode, foregroundOpacity=opacity)
-        if sliceIndex is not None:
-            dims = volumeNode.GetImageData().GetDimensions()
-            ijkToRas = vtk.vtkMatrix4x4()
-            volumeNode.GetIJKToRASMatrix(ijkToRas)
-            ras = ijkToRas.MultiplyPoint([(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(sliceIndex), 1.0])
-            slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
-        return saliencyNode
+
+        ijkToRas = vtk.vtkMatrix4x4()
+        saliencyNode.GetIJKToRASMatrix(ijkToRas)
+        ras = ijkToRas.MultiplyPoint([float(index) for index in reversed(heatMap.peak)] + [1.0])
+        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+        return saliencyNode, heatMap
+
+    @staticmethod
+    def heatMapColorNode():
+        """The cold-to-hot colour table of heat maps (created once per scene)."""
+        colorNode = slicer.mrmlScene.GetFirstNodeByName(HEAT_MAP_COLOR_NODE_NAME)
+        if colorNode is not None:
+            return colorNode
+        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", HEAT_MAP_COLOR_NODE_NAME)
+        colorNode.SetTypeToUser()
+        colorNode.HideFromEditorsOn()
+        colors = heat_map_colors(HEAT_MAP_COLORS)
+        colorNode.SetNumberOfColors(len(colors))
+        for index, (red, green, blue, alpha) in enumerate(colors):
+            colorNode.SetColor(index, str(index), float(red), float(green), float(blue), float(alpha))
+        return colorNode
 
     @staticmethod
     def _newSegmentationNode(name, geometryNode):
@@ -619,6 +650,12 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = self.ui.clsModelComboBox.currentIndex
         card = self.clsCards[index] if 0 <= index < len(self.clsCards) else None
         self.ui.clsModelCardLabel.setText(formatting.model_card_text(card) if card else "")
+        # the methods this classifier offers (/info/ "explanations"; RISE when the server lists none)
+        self.ui.explanationComboBox.clear()
+        for method in card.explanations if card else []:
+            self.ui.explanationComboBox.addItem(explanation_title(method))
+        if card and card.default_explanation in card.explanations:
+            self.ui.explanationComboBox.setCurrentIndex(card.explanations.index(card.default_explanation))
         self.updateButtons()
 
     # ------------------------------------------------------------------ active learning
@@ -832,6 +869,7 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onScore(self):
         client = self.logic.requireClient()
         method = self.ui.scoringMethodComboBox.currentText
+        self.ui.scoresSummaryLabel.setText(f"Scoring {method} on every image...")
         self.startJob(
             f"Scoring {method}", workflows.run_scoring, client, method, onFinished=lambda ds: self.onScored(ds, method)
         )
@@ -839,7 +877,9 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onScored(self, datastore, method):
         rows = formatting.score_rows(datastore, method)
         self._fillTable(self.ui.scoresTable, formatting.score_headers(method), rows)
-        self.showMessage(f"Scoring '{method}': {len(rows)} images scored.")
+        summary = formatting.score_summary_text(datastore, method)
+        self.ui.scoresSummaryLabel.setText(summary)
+        self.showMessage(f"Scoring done: {summary}.")
 
     # ------------------------------------------------------------------ classification
     @_reportErrors
@@ -848,6 +888,8 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self._requireVolume()
         card = self.currentClsCard()
         sliceIndex = int(self.ui.sliceSpinBox.value)
+        methodIndex = self.ui.explanationComboBox.currentIndex
+        explain = card.explanations[methodIndex] if 0 <= methodIndex < len(card.explanations) else None
         imageId, imageFile = self._imageSource(volumeNode)
         self.startJob(
             f"Classify with {card.name}",
@@ -858,6 +900,7 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             image_file=imageFile,
             slice_index=None if sliceIndex < 0 else sliceIndex,
             dest_dir=self.logic.tempDir,
+            explain=explain,
             onFinished=lambda result: self.onClassified(result, volumeNode, card),
         )
 
@@ -865,10 +908,14 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         _requireInScene(volumeNode, "input volume")
         rows = formatting.probability_rows(result.probabilities)
         self._fillTable(self.ui.probabilityTable, ["Class", "Probability", "Present"], rows)
-        if result.label_path:
-            self.logic.showSaliency(
-                result.label_path, volumeNode, float(self.ui.saliencyOpacitySlider.value), result.params.get("slice")
-            )
+        _, heatMap = self.logic.showSaliency(
+            result.label_path,
+            volumeNode,
+            result.explanation or "rise",
+            result.params.get("slice"),
+            float(self.ui.saliencyOpacitySlider.value),
+        )
+        self.ui.saliencyLabel.setText(formatting.saliency_text(heatMap, result.params))
         top = rows[0] if rows else ("-", "-", "-")
         self.showMessage(f"{card.name}: slice {result.params.get('slice', '?')}, most probable {top[0]} ({top[1]}).")
 
@@ -929,7 +976,14 @@ class MedAttnSlicerTest(ScriptedLoadableModuleTest):
         self.assertIn("INT8", formatting.model_picker_text(segCards[self.SEG_INT8]))
 
         self.delayDisplay("Next sample")
-        sample = logic.runBlocking("next", workflows.fetch_next_sample, client, "random", dest_dir=logic.tempDir)
+        try:
+            sample = logic.runBlocking("next", workflows.fetch_next_sample, client, "random", dest_dir=logic.tempDir)
+        except MedAttnClientError:
+            # every image is labelled already (e.g. a second run): the app's own strategy can pick among all
+            sample = logic.runBlocking(
+                "next", workflows.fetch_next_sample, client, "int8_disagreement", dest_dir=logic.tempDir,
+                params={"images": "all", "max_slices": 8},
+            )
         volumeNode = logic.loadImage(sample.image_path, sample.image_id)
         self.assertEqual(logic.imageIdOf(volumeNode), sample.image_id)
 
@@ -976,10 +1030,11 @@ class MedAttnSlicerTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Train briefly, then stop")
         job = logic.runner.submit(
-            "train", workflows.run_training, client, self.TRAIN_TASK, {"max_epochs": 50}, poll_interval_s=1.0
+            "train", workflows.run_training, client, self.TRAIN_TASK, {"max_epochs": 50, "num_samples": 2},
+            poll_interval_s=1.0,
         )
         deadline = time.monotonic() + 120.0
-        while time.monotonic() < deadline and not job.done and job.message.find("RUNNING") < 0:
+        while time.monotonic() < deadline and not job.done and job.message.find("epoch") < 0:
             slicer.app.processEvents()
             logic.runner.poll()
             time.sleep(0.1)
@@ -989,16 +1044,26 @@ class MedAttnSlicerTest(ScriptedLoadableModuleTest):
         self.assertIn("stopped on the server", job.message)
         self.assertIsNone(client.train_status(check_if_running=True))
 
-        self.delayDisplay("Classify")
-        result = logic.runBlocking(
-            "classify", workflows.classify, client, self.CLS_INT8, image_id=sample.image_id, dest_dir=logic.tempDir
-        )
-        rows = formatting.probability_rows(result.probabilities)
-        self.assertGreater(len(rows), 0)
-        saliencyNode = logic.showSaliency(result.label_path, volumeNode, 0.5, result.params.get("slice"))
-        self.assertEqual(
-            slicer.util.arrayFromVolume(saliencyNode).shape, slicer.util.arrayFromVolume(volumeNode).shape
-        )
+        clsCard = {card.name: card for card in logic.modelCards(CLASSIFICATION)}[self.CLS_INT8]
+        self.assertIn(clsCard.default_explanation, clsCard.explanations)
+        for method in clsCard.explanations:  # every explanation the server offers (RISE when it lists none)
+            self.delayDisplay(f"Classify with a {method} heat map")
+            result = logic.runBlocking(
+                "classify", workflows.classify, client, self.CLS_INT8, image_id=sample.image_id,
+                dest_dir=logic.tempDir, explain=method, params={"rise_masks": 64},
+            )
+            self.assertEqual(result.explanation, method)
+            rows = formatting.probability_rows(result.probabilities)
+            self.assertEqual(len(rows), len(clsCard.labels))
+            heatNode, heatMap = logic.showSaliency(result.label_path, volumeNode, method, result.params.get("slice"))
+            heatArray = slicer.util.arrayFromVolume(heatNode)
+            self.assertEqual(heatArray.shape, slicer.util.arrayFromVolume(volumeNode).shape)
+            self.assertEqual(int(heatArray.max()), HEAT_MAP_COLORS - 1)
+            self.assertEqual(heatMap.slice_index, result.params.get("slice"))
+            self.assertEqual(heatNode.GetDisplayNode().GetColorNodeID(), logic.heatMapColorNode().GetID())
+            for compositeNode in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # every slice view
+                self.assertEqual(compositeNode.GetForegroundVolumeID(), heatNode.GetID())
+            self.assertIn(heatMap.title, formatting.saliency_text(heatMap, result.params))
 
         self.delayDisplay("Errors are readable")
         with self.assertRaises(ServerError) as raised:

@@ -4,7 +4,7 @@ The HTTP tests talk to tiny stdlib ``http.server`` instances on 127.0.0.1:0 that
 MONAI Label 0.8.5 (a third-party server): they answer with MONAI Label's paths, status codes and
 body formats (multipart results built with requests_toolbelt, the encoder MONAI Label itself uses;
 uploads checked with python-multipart, the parser FastAPI uses). Our own app is tested for real
-in a later round.
+in tests/test_slicer_lib_server.py.
 """
 
 import gzip
@@ -47,7 +47,7 @@ from MedAttnSlicerLib import (
     overlay_from_masks,
     split_label_map,
 )
-from MedAttnSlicerLib import formatting, workflows
+from MedAttnSlicerLib import formatting, heatmap, workflows
 from MedAttnSlicerLib.multipart import encode_multipart_formdata, file_suffix, parse_multipart
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -375,7 +375,15 @@ def test_comparison_training_scores_and_status_text():
         }
     }
     assert formatting.score_rows(datastore, "over_under") == [("b", "0.900", "1.50 ml", "0.25 ml")]
-    assert formatting.score_rows(datastore, "int8_agreement") == [("a", "0.990")]
+    assert formatting.score_rows(datastore, "int8_agreement") == [("a", "0.990", "n/a", "n/a")]
+    datastore["objects"]["c"] = {"image": {"info": {"scores": {"int8_agreement": {"dice": 0.5, "over_voxels": 7,
+                                                                                  "under_voxels": 0}}}}}
+    assert formatting.score_rows(datastore, "int8_agreement")[1] == ("c", "0.500", "7", "0")
+    assert len(formatting.score_headers("int8_agreement")) == 4 and len(formatting.score_headers("over_under")) == 4
+    assert list(formatting.scores_by_image(datastore, "int8_agreement")) == ["a", "c"]
+    assert formatting.score_summary_text(datastore, "int8_agreement") == "int8_agreement: 2 images, mean Dice 0.745 (0.500 .. 0.990)"
+    assert formatting.score_summary_text(datastore, "over_under") == "over_under: 1 image, mean Dice 0.900"
+    assert formatting.score_summary_text(datastore, "other") == "other: 0 images scored"
     assert formatting.app_status_text(_sadnn_info()) == "MedAttnSlicer 0.1.0 | 3 models | 4 images, 1 labelled"
     with pytest.raises(ValueError, match="output=all"):
         formatting.score_rows({"total": 3}, "over_under")
@@ -384,7 +392,7 @@ def test_comparison_training_scores_and_status_text():
 def test_error_text_is_readable():
     assert "connection refused" in formatting.error_text(ServerUnavailable("http://h:1/info/", "connection refused"))
     text = formatting.error_text(ServerError(404, "Image 'x' not found", "POST", "http://h/infer/m"))
-    assert text == "The server answered 404: Image 'x' not found (unknown image, label or model?)"
+    assert text == "The server answered 404: Image 'x' not found (unknown image, label, model, strategy or method?)"
     assert "already running" in formatting.error_text(ServerError(429, "busy", "POST", "u"))
     assert formatting.error_text(OperationCancelled("Training stopped")) == "Training stopped"
     assert formatting.error_text(KeyError("k")) == "KeyError: 'k'"
@@ -887,3 +895,103 @@ def test_scoring_runs_to_done_and_returns_scores(fake_server):
     assert job.state == JobState.FINISHED
     assert formatting.score_rows(job.result, "over_under") == [("c1", "0.800", "2.00 ml", "1.00 ml")]
     assert server.find("GET", "/datastore/")[0]["query"] == {"output": "all"}
+
+
+# --------------------------------------------------------------------------- explanation heat maps
+
+
+def test_explanation_methods_from_info_with_rise_fallback():
+    assert heatmap.explanation_methods({}) == ["rise"] and heatmap.default_explanation(None) == "rise"
+    entry = {"type": "classification", "explanations": ["RISE", "Grad-CAM", "attention_rollout", "class_attention"],
+             "default_explanation": "grad_cam"}
+    assert heatmap.explanation_methods(entry) == ["rise", "grad_cam", "attention_rollout", "class_attention"]
+    assert heatmap.default_explanation(entry) == "grad_cam"
+    assert heatmap.default_explanation(dict(entry, default_explanation="lime")) == "rise"  # not offered
+    card = ModelCard.from_info("cls", entry)
+    assert card.explanations[1] == "grad_cam" and card.default_explanation == "grad_cam"
+    assert ModelCard.from_info("cls", {"type": "classification"}).explanations == ["rise"]
+    assert ModelCard.from_info("seg", {"type": "segmentation"}).explanations == []
+    with pytest.raises(ValueError, match="Model 'cls'.*list of method names"):
+        ModelCard.from_info("cls", {"type": "classification", "explanations": "rise"})
+    assert [heatmap.explanation_title(m) for m in ("grad_cam", "RISE", "lime")] == ["Grad-CAM", "RISE (random masks)", "lime"]
+
+
+def test_axial_axis_follows_the_direction_matrix():
+    assert heatmap.axial_index_axis(np.eye(3).ravel()) == 2 and heatmap.axial_array_axis(np.eye(3).ravel()) == 0
+    assert heatmap.axial_index_axis([-1, 0, 0, 0, -1, 0, 0, 0, 1]) == 2  # LPS vs RAS: same superior axis
+    sagittal_first = np.eye(3)[:, [2, 0, 1]]  # index axis 0 runs superior-inferior
+    assert heatmap.axial_index_axis(sagittal_first.ravel()) == 0 and heatmap.axial_array_axis(sagittal_first.ravel()) == 2
+    oblique = np.array([[1, 0, 0], [0, 0.8, 0.6], [0, -0.6, 0.8]])
+    assert heatmap.axial_index_axis(oblique.ravel()) == 2
+    with pytest.raises(ValueError, match="9 finite"):
+        heatmap.axial_index_axis([1, 0, 0])
+    with pytest.raises(ValueError, match="zero column"):
+        heatmap.axial_index_axis([1, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_heat_map_rescales_the_classified_slice():
+    saliency = np.zeros((4, 3, 5), np.float32)
+    saliency[2] = np.linspace(0.4, 0.9, 15).reshape(3, 5)
+    heat = heatmap.heat_map_from_saliency(saliency, "RISE", np.eye(3).ravel(), 2)
+    assert heat.method == "rise" and (heat.array_axis, heat.slice_index) == (0, 2)
+    assert (heat.low, heat.high) == (pytest.approx(0.4), pytest.approx(0.9)) and heat.peak == (2, 2, 4)
+    np.testing.assert_allclose(heat.slice_values(), (saliency[2] - 0.4) / 0.5, atol=1e-6)
+    assert heat.shown[2].all() and not heat.shown[[0, 1, 3]].any()
+    indices = heatmap.heat_map_indices(heat, 256)
+    assert indices.dtype == np.uint8 and indices[2].min() == 1 and indices[2].max() == 255 and not indices[:2].any()
+    clipped = heatmap.heat_map_from_saliency(saliency, "rise", np.eye(3).ravel(), 2, clip_percentiles=(10, 90))
+    assert clipped.low > 0.4 and clipped.high < 0.9 and clipped.values.max() == 1.0
+    flat = np.zeros((1, 4, 4), np.float32)
+    flat[0] = 0.25
+    assert heatmap.heat_map_from_saliency(flat, "grad_cam", np.eye(3).ravel(), 0).values.min() == 1.0
+    two_d = heatmap.heat_map_from_saliency(np.arange(12, dtype=np.float32).reshape(3, 4), "grad_cam")
+    assert two_d.slice_index is None and two_d.values[0, 0] == 0.0 and two_d.values[-1, -1] == 1.0
+    assert formatting.saliency_text(heat, {"saliency_class": "liver"}) == "RISE (random masks) of liver, slice 2: blue 0.4 .. red 0.9"
+
+
+def test_heat_map_rejects_bad_maps_and_the_wrong_axis():
+    saliency = np.zeros((4, 3, 5), np.float32)
+    saliency[:, :, 1] = 1.0 + np.arange(12).reshape(4, 3)  # defined on index axis 0 = array axis 2
+    sagittal_first = np.eye(3)[:, [2, 0, 1]].ravel()
+    assert heatmap.heat_map_from_saliency(saliency, "rise", sagittal_first, 1).array_axis == 2
+    with pytest.raises(ValueError, match="off the classified slice 1"):
+        heatmap.heat_map_from_saliency(saliency, "rise", np.eye(3).ravel(), 1)
+    with pytest.raises(ValueError, match="outside the volume's 5 axial slices"):
+        heatmap.heat_map_from_saliency(saliency, "rise", sagittal_first, 5)
+    with pytest.raises(ValueError, match="needs the image direction"):
+        heatmap.heat_map_from_saliency(saliency, "rise", None, 1)
+    with pytest.raises(ValueError, match="zero everywhere"):
+        heatmap.heat_map_from_saliency(np.zeros((2, 3, 3)), "rise", np.eye(3).ravel(), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        heatmap.heat_map_from_saliency(np.full((2, 2), np.nan), "rise")
+    with pytest.raises(ValueError, match="empty"):
+        heatmap.heat_map_from_saliency(np.zeros((0, 3)), "rise")
+    colors = heatmap.heat_map_colors(5)
+    np.testing.assert_allclose(colors[:, 3], [0, 1, 1, 1, 1])
+    np.testing.assert_allclose(colors[1, :3], [0, 0, 1]) and np.testing.assert_allclose(colors[-1, :3], [1, 0, 0])
+    assert heatmap.heat_map_colors(4, transparent_first=False)[0, 3] == 1.0
+    with pytest.raises(ValueError, match="at least 3"):
+        heatmap.heat_map_colors(2)
+
+
+def test_classify_sends_explain_and_rejects_another_method(fake_server, tmp_path):
+    def infer_cls(request):
+        params = json.loads(_parse_upload(request)[0]["params"])
+        encoder = MultipartEncoder(fields={
+            # a server that knows only RISE ignores "explain"
+            "params": (None, json.dumps({"probabilities": {"liver": 0.9}, "saliency": "RISE", "slice": 1}), "application/json"),
+            "image": ("saliency.nii.gz", io.BytesIO(json.dumps(params).encode()), "application/gzip"),
+        })
+        return 200, encoder.content_type, encoder.to_string()
+
+    server = fake_server({("POST", "/infer/sadnn_cls_int8"): infer_cls})
+    client = MonaiLabelClient(server.url, timeout_s=5, download_dir=str(tmp_path))
+    runner = JobRunner()
+    job = runner.wait(runner.submit("c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="RISE",
+                                    params={"rise_masks": 8}), timeout_s=10)
+    assert job.state == JobState.FINISHED and job.result.explanation == "rise"
+    assert json.loads(open(job.result.label_path).read()) == {"rise_masks": 8, "explain": "rise"}
+    job = runner.wait(runner.submit("c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="grad_cam"),
+                      timeout_s=10)
+    assert job.state == JobState.FAILED and isinstance(job.error, ProtocolError)
+    assert "asked for a 'grad_cam' explanation but answered with 'rise'" in str(job.error)

@@ -9,6 +9,7 @@ Modules:
     multipart    multipart/form-data encoding and parsing
     jobs         background job runner polled from the panel's QTimer
     workflows    the panel's server round trips as job functions
+    heatmap      explanation methods, saliency maps as heat maps (values, colour table)
     overlay      over/under-segmentation overlay maths (Dice, ml)
     labels       label values <-> named segments
     model_card   typed model entries of ``/info/``
@@ -27,6 +28,17 @@ from .errors import (
     ServerTimeout,
     ServerUnavailable,
     TrainingFailed,
+)
+from .heatmap import (
+    EXPLANATION_METHODS,
+    HeatMap,
+    axial_array_axis,
+    axial_index_axis,
+    explanation_key,
+    explanation_title,
+    heat_map_colors,
+    heat_map_from_saliency,
+    heat_map_indices,
 )
 from .jobs import Job, JobContext, JobEvent, JobRunner, JobState
 from .labels import LabelSegment, compose_label_map, label_values, segment_color, split_label_map
@@ -58,6 +70,15 @@ __all__ = [
     "ServerTimeout",
     "ServerUnavailable",
     "TrainingFailed",
+    "EXPLANATION_METHODS",
+    "HeatMap",
+    "axial_array_axis",
+    "axial_index_axis",
+    "explanation_key",
+    "explanation_title",
+    "heat_map_colors",
+    "heat_map_from_saliency",
+    "heat_map_indices",
     "Job",
     "JobContext",
     "JobEvent",

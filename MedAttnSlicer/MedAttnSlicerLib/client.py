@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .cancel import CancelToken
 from .errors import OperationCancelled, ProtocolError, ServerError, ServerTimeout, ServerUnavailable
+from .heatmap import explanation_key
 from .multipart import encode_multipart_formdata, file_suffix, parse_multipart, parts_by_name
 from .url_history import normalize_server_url
 
@@ -80,6 +81,12 @@ class InferResult:
     def probabilities(self) -> Optional[Dict[str, float]]:
         value = self.params.get("probabilities")
         return value if isinstance(value, dict) else None
+
+    @property
+    def explanation(self) -> Optional[str]:
+        """The classifier's explanation method (``saliency``: "RISE" -> "rise"), or None."""
+        value = self.params.get("saliency")
+        return explanation_key(value) if value else None
 
 
 class MonaiLabelClient:

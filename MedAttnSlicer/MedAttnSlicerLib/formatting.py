@@ -7,7 +7,7 @@ combo boxes and table cells.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import (
     MedAttnClientError,
@@ -17,6 +17,7 @@ from .errors import (
     ServerUnavailable,
     TrainingFailed,
 )
+from .heatmap import HeatMap
 from .model_card import ModelCard
 from .overlay import OverUnderOverlay
 
@@ -32,8 +33,11 @@ __all__ = [
     "comparison_rows",
     "training_fraction",
     "training_text",
+    "saliency_text",
+    "scores_by_image",
     "score_rows",
     "score_headers",
+    "score_summary_text",
     "table_rows_text",
     "app_status_text",
     "error_text",
@@ -161,6 +165,25 @@ def comparison_rows(overlay: OverUnderOverlay) -> List[Tuple[str, Tuple[float, f
     return [(s.name, s.color, str(s.voxels), format_ml(s.volume_ml)) for s in overlay.segments]
 
 
+#: train_stats ``metric_name`` -> words (the classifier's metric is the F1 of its presence decisions).
+_METRIC_NAMES = {
+    "val_mean_dice": "validation Dice",
+    "train_mean_dice": "training Dice",
+    "val_f1": "validation F1",
+    "train_f1": "training F1",
+}
+
+
+def saliency_text(heat_map: HeatMap, params: Optional[Mapping[str, Any]] = None) -> str:
+    """'Grad-CAM of liver, slice 7: blue 0.512 .. red 0.934' for the line under the heat map."""
+    params = params or {}
+    explained = params.get("saliency_class")
+    text = heat_map.title + (f" of {explained}" if explained not in (None, "") else "")
+    if heat_map.slice_index is not None:
+        text += f", slice {heat_map.slice_index}"
+    return f"{text}: blue {heat_map.low:.3g} .. red {heat_map.high:.3g}"
+
+
 def training_fraction(stats: Optional[Mapping[str, Any]]) -> Optional[float]:
     """epoch / total_epochs from a ``train_stats`` entry, or None when unknown."""
     if not stats:
@@ -184,29 +207,51 @@ def training_text(task: str, status: Optional[str], stats: Optional[Mapping[str,
             pieces.append(f"epoch {stats['epoch']}/{total}" if total else f"epoch {stats['epoch']}")
         best = stats.get("best_metric")
         if isinstance(best, (int, float)) and math.isfinite(float(best)):
-            pieces.append(f"best validation Dice {float(best):.3f}")
+            pieces.append(f"best {_METRIC_NAMES.get(stats.get('metric_name') or 'val_mean_dice', stats.get('metric_name'))} {float(best):.3f}")
     return ", ".join(pieces)
 
 
-def score_rows(datastore: Mapping[str, Any], method: str) -> List[Tuple[str, ...]]:
-    """Per-image rows of ``scores.<method>`` from ``GET /datastore/?output=all``.
+def scores_by_image(datastore: Mapping[str, Any], method: str) -> Dict[str, Any]:
+    """The stored figures ``info["scores"][method]`` of every image that has them.
 
-    ``over_under`` rows: (image, Dice, over ml, under ml); ``int8_agreement`` and other methods:
-    (image, Dice) or (image, value) rows. Images without that score are left out.
+    Args:
+        datastore: ``GET /datastore/?output=all`` (what :func:`~MedAttnSlicerLib.workflows.run_scoring`
+            returns).
+        method: scoring method name (``over_under``, ``int8_agreement``...).
+
+    Returns:
+        ``{image_id: figures}`` in image-id order; images without that score are left out.
+
+    Raises:
+        ValueError: when the listing has no ``objects`` (it was requested with another ``output``).
     """
     objects = datastore.get("objects") if isinstance(datastore, Mapping) else None
     if not isinstance(objects, Mapping):
         raise ValueError("Datastore listing has no 'objects'; request it with output=all")
-    rows: List[Tuple[str, ...]] = []
+    found: Dict[str, Any] = {}
     for image_id in sorted(objects):
         info = ((objects[image_id] or {}).get("image") or {}).get("info") or {}
         score = (info.get("scores") or {}).get(method)
-        if score is None:
-            continue
+        if score is not None:
+            found[str(image_id)] = score
+    return found
+
+
+def score_rows(datastore: Mapping[str, Any], method: str) -> List[Tuple[str, ...]]:
+    """Per-image table rows of ``scores.<method>`` from ``GET /datastore/?output=all``.
+
+    ``over_under`` rows: (image, Dice, over ml, under ml); ``int8_agreement`` rows: (image, Dice, INT8-only
+    voxels, FP32-only voxels); other methods: (image, Dice) or (image, value). Columns match
+    :func:`score_headers`. Images without that score are left out.
+    """
+    rows: List[Tuple[str, ...]] = []
+    for image_id, score in scores_by_image(datastore, method).items():
         if isinstance(score, Mapping):
             dice = _fmt_number(score.get("dice"), 3)
             if method == "over_under":
                 rows.append((image_id, dice, format_ml(score.get("over_ml")), format_ml(score.get("under_ml"))))
+            elif method == "int8_agreement":
+                rows.append((image_id, dice, _fmt_count(score.get("over_voxels")), _fmt_count(score.get("under_voxels"))))
             else:
                 rows.append((image_id, dice))
         else:
@@ -215,7 +260,33 @@ def score_rows(datastore: Mapping[str, Any], method: str) -> List[Tuple[str, ...
 
 
 def score_headers(method: str) -> List[str]:
-    return ["Image", "Dice", "Over", "Under"] if method == "over_under" else ["Image", "Dice"]
+    """Column titles of :func:`score_rows` for ``method``."""
+    if method == "over_under":
+        return ["Image", "Dice", "Over", "Under"]
+    if method == "int8_agreement":
+        return ["Image", "Dice", "INT8-only voxels", "FP32-only voxels"]
+    return ["Image", "Dice"]
+
+
+def score_summary_text(datastore: Mapping[str, Any], method: str) -> str:
+    """One line for the panel under the scores table: 'over_under: 2 images, mean Dice 0.873 (0.801 .. 0.945)'."""
+    scores = scores_by_image(datastore, method)
+    values = []
+    for score in scores.values():
+        value = score.get("dice") if isinstance(score, Mapping) else score
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            values.append(number)
+    count = len(scores)
+    text = f"{method}: {count} image{'' if count == 1 else 's'}"
+    if not values:
+        return text + (", no Dice figures" if count else " scored")
+    mean = sum(values) / len(values)
+    text += f", mean Dice {mean:.3f}"
+    return text + (f" ({min(values):.3f} .. {max(values):.3f})" if len(values) > 1 else "")
 
 
 def app_status_text(info: Mapping[str, Any]) -> str:
@@ -237,7 +308,7 @@ def error_text(error: BaseException) -> str:
     if isinstance(error, ServerError):
         advice = ""
         if error.status == 404:
-            advice = " (unknown image, label or model?)"
+            advice = " (unknown image, label, model, strategy or method?)"
         elif error.status == 429:
             advice = " (a task of this kind is already running; stop it or wait)"
         elif error.status >= 500:
@@ -256,6 +327,13 @@ def _fmt_number(value: Any, digits: int) -> str:
     except (TypeError, ValueError):
         return _NA
     return f"{number:.{digits}f}" if math.isfinite(number) else _NA
+
+
+def _fmt_count(value: Any) -> str:
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return _NA
 
 
 

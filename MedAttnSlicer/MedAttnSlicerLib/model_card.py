@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from .heatmap import default_explanation, explanation_methods
+
 __all__ = ["ModelCard", "model_cards", "default_model", "SEGMENTATION", "CLASSIFICATION"]
 
 SEGMENTATION = "segmentation"
@@ -33,6 +35,9 @@ class ModelCard:
         fp32_size_bytes, int8_size_bytes: artifact sizes.
         energy_fp32_j, energy_int8_j: estimated energy per forward pass (J).
         input_shape: the shape the figures refer to.
+        explanations: classifiers' saliency methods (``explain`` values; ``["rise"]`` when the app lists none),
+            empty for other models.
+        default_explanation: the method to preselect (``""`` for non-classifiers).
     """
 
     name: str
@@ -50,6 +55,8 @@ class ModelCard:
     energy_fp32_j: Optional[float] = None
     energy_int8_j: Optional[float] = None
     input_shape: Optional[List[int]] = None
+    explanations: List[str] = field(default_factory=list)
+    default_explanation: str = ""
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -65,9 +72,15 @@ class ModelCard:
         if not isinstance(card, dict):
             raise ValueError(f"Model '{name}': model_card must be a dict, got {type(card).__name__}")
         precision = str(entry.get("precision") or card.get("precision") or "").lower()
+        task = str(entry.get("type") or "")
+        try:
+            explanations = explanation_methods(entry) if task == CLASSIFICATION else []
+            default_method = default_explanation(entry) if task == CLASSIFICATION else ""
+        except ValueError as error:
+            raise ValueError(f"Model '{name}': {error}") from error
         return cls(
             name=str(name),
-            task=str(entry.get("type") or ""),
+            task=task,
             precision=precision,
             twin=entry.get("twin") or None,
             default=bool(entry.get("default", False)),
@@ -81,6 +94,8 @@ class ModelCard:
             energy_fp32_j=_optional_float(card.get("energy_fp32_j"), name, "energy_fp32_j"),
             energy_int8_j=_optional_float(card.get("energy_int8_j"), name, "energy_int8_j"),
             input_shape=list(card["input_shape"]) if card.get("input_shape") else None,
+            explanations=explanations,
+            default_explanation=default_method,
             raw=dict(entry),
         )
 

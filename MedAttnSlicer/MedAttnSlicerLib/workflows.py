@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from .client import InferResult, MonaiLabelClient
 from .errors import MedAttnClientError, OperationCancelled, ProtocolError, TrainingFailed
 from .formatting import training_fraction, training_text
+from .heatmap import explanation_key
 from .jobs import JobContext
 from .model_card import ModelCard
 
@@ -183,22 +184,47 @@ def classify(
     image_file: Optional[str] = None,
     slice_index: Optional[int] = None,
     dest_dir: Optional[str] = None,
+    explain: Optional[str] = None,
+    params: Optional[Dict[str, Any]] = None,
 ) -> InferResult:
-    """Run a classification model: ``probabilities`` per class and a saliency map file."""
-    params: Dict[str, Any] = {}
+    """Run a classification model: ``probabilities`` per class and a saliency map file.
+
+    Args:
+        slice_index: axial slice to classify (the server's default, the middle slice, when None).
+        explain: explanation method (``explain`` request param: "rise", "grad_cam", "attention_rollout",
+            "class_attention"); the server's default when None. Pick it from the model card's
+            ``explanations``.
+        params: further request params (e.g. ``rise_masks``, ``saliency_class``).
+
+    Raises:
+        ProtocolError: when the answer has no probabilities, no saliency map, or a map made with another
+            method than the one asked for.
+    """
+    request: Dict[str, Any] = dict(params or {})
     if slice_index is not None:
-        params["slice"] = int(slice_index)
+        request["slice"] = int(slice_index)
+    wanted = explanation_key(explain) if explain else ""
+    if wanted:
+        request["explain"] = wanted
     result = client.infer(
         model,
         image_id=image_id,
         image_file=image_file,
-        params=params,
+        params=request,
         dest_dir=dest_dir,
         cancel=ctx.cancel_token,
         progress=lambda f, m: ctx.progress(f, m),
     )
     if result.probabilities is None:
         raise ProtocolError(f"Model '{model}' returned no class probabilities (answer: {result.params})")
+    if not result.label_path:
+        raise ProtocolError(f"Model '{model}' returned no saliency map file")
+    used = explanation_key(result.params.get("saliency"))
+    if wanted and used and used != wanted:
+        raise ProtocolError(
+            f"Model '{model}' was asked for a '{wanted}' explanation but answered with '{used}': "
+            "the server does not support that method"
+        )
     return result
 
 
@@ -309,19 +335,39 @@ def run_scoring(
     params: Optional[Dict[str, Any]] = None,
     poll_interval_s: float = 1.0,
 ) -> Dict[str, Any]:
-    """Run a scoring method to completion and return the datastore listing with the new scores."""
+    """Run a scoring method as a background task on the server, follow it to its end, and return the
+    datastore listing (``GET /datastore/?output=all``) holding the new per-image scores.
+
+    Read the figures with :func:`~MedAttnSlicerLib.formatting.scores_by_image` (raw) or
+    :func:`~MedAttnSlicerLib.formatting.score_rows` (table). Cancel stops the server's task (``DELETE /scoring/``).
+
+    Args:
+        method: a name from ``info()["scoring"]`` (``over_under``, ``int8_agreement``).
+        params: request params of the method (e.g. ``{"max_slices": 8}`` for ``int8_agreement``).
+        poll_interval_s: seconds between ``GET /scoring/`` polls.
+
+    Raises:
+        ServerError: the server refused to start it (404 naming an unknown method, 429 when one runs).
+        MedAttnClientError: the task ended with ERROR or STOPPED (its last log lines in the message).
+        ProtocolError: the server lost track of the task.
+        OperationCancelled: cancelled here (the server's task was stopped).
+    """
     record: Dict[str, Any] = {}
     try:
         ctx.progress(None, f"Scoring with '{method}'")
         record = client.scoring_start(method, params, cancel=ctx.cancel_token) or {}
         task_id = record.get("id")
-        status = str(record.get("status") or "SUBMITTED")
+        status, missing = str(record.get("status") or "SUBMITTED"), 0
         while status not in _FINAL_TASK_STATES:
             ctx.sleep(poll_interval_s)
             current = _find_task(client.scoring_status(all_tasks=True, cancel=ctx.cancel_token), task_id)
-            if current is not None:
-                record, status = current, str(current.get("status") or "RUNNING")
-                ctx.progress(None, f"Scoring '{method}': {status}")
+            if current is None:
+                missing += 1
+                if missing >= 3:
+                    raise ProtocolError(f"The server lost track of scoring task '{method}' ({task_id})")
+                continue
+            missing, record, status = 0, current, str(current.get("status") or "RUNNING")
+            ctx.progress(None, f"Scoring '{method}': {status}")
     except OperationCancelled:
         try:
             client.scoring_stop()

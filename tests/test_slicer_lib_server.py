@@ -1,0 +1,510 @@
+"""MedAttnSlicerLib against the real MedAttnSlicer MONAI Label server.
+
+The panel's library (its client, job runner and workflows; never ``requests`` or MONAI Label's client) drives one
+``monailabel start_server`` per module (:mod:`tests.server_fixture`, ephemeral 127.0.0.1 port) on a copy of three
+sample studies: two with a ``final`` liver label and CTChest4 without one. Labels are read back with SimpleITK on
+the image grid. Tests run in file order: read-only round trips first, then the ones that change the datastore,
+training last. Only the 5xx test uses a stand-in: a stdlib ``http.server`` answering 500, because the real server
+is not made to fail on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedAttnSlicerLib import (
+    CLASSIFICATION,
+    SEGMENTATION,
+    JobRunner,
+    JobState,
+    MonaiLabelClient,
+    OperationCancelled,
+    ServerError,
+    ServerUnavailable,
+    compose_label_map,
+    default_model,
+    explanation_key,
+    heat_map_colors,
+    heat_map_from_saliency,
+    heat_map_indices,
+    label_values,
+    model_cards,
+    overlay_from_comparison_map,
+    overlay_from_masks,
+    split_label_map,
+)
+from MedAttnSlicerLib import formatting, workflows
+from tests.server_fixture import ServerHandle, copy_sample_datastore, free_port, start_server
+
+pytestmark = pytest.mark.slow
+
+STUDIES = ("example_ct_sm", "example_mr_sm", "CTChest4")
+UNLABELED = "CTChest4"
+SEG_INT8, SEG_FP32 = "sadnn_seg_int8", "sadnn_seg_fp32"
+CLS_INT8 = "sadnn_cls_int8"
+RISE_MASKS = 32  # enough for a map, cheap on 2 cores
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=STUDIES)
+    model_dir = tmp_path_factory.mktemp("trained")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    handle = start_server(studies, {"models": "all", "model_dir": str(model_dir)}, log_path=log)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerHandle, tmp_path_factory: pytest.TempPathFactory) -> MonaiLabelClient:
+    return MonaiLabelClient(
+        server.url, timeout_s=60.0, client_id="pytest", download_dir=str(tmp_path_factory.mktemp("downloads"))
+    )
+
+
+@pytest.fixture(scope="module")
+def runner():
+    jobs = JobRunner()
+    yield jobs
+    jobs.shutdown(timeout_s=30.0)
+
+
+@pytest.fixture(scope="module")
+def info(client: MonaiLabelClient, runner: JobRunner) -> dict:
+    return _run(runner, workflows.connect, client)
+
+
+def _run(runner: JobRunner, function, *args, timeout_s: float = 300.0, **kwargs) -> Any:
+    """Run a workflow as the panel does (worker thread, events delivered by poll) and return its result."""
+    job = runner.wait(runner.submit(function.__name__, function, *args, **kwargs), timeout_s=timeout_s)
+    if job.state == JobState.FAILED:
+        raise job.error
+    assert job.state == JobState.FINISHED, (job.state, job.message)
+    return job.result
+
+
+def _read(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def _assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)
+
+
+def _spacing_kji(image: sitk.Image) -> tuple[float, ...]:
+    """Spacing in the numpy (K, J, I) axis order the lib's overlay maths expects."""
+    return tuple(reversed(image.GetSpacing()))
+
+
+def _cards(info: dict, task: str) -> dict:
+    return {card.name: card for card in model_cards(info, task)}
+
+
+# ------------------------------------------------------------------------------------------ connect, info
+def test_connect_lists_models_with_formatted_cards(server: ServerHandle, info: dict):
+    seg = _cards(info, SEGMENTATION)
+    cls = _cards(info, CLASSIFICATION)
+    assert {SEG_INT8, SEG_FP32} <= set(seg) and CLS_INT8 in cls
+    assert default_model(list(seg.values()), SEGMENTATION).name == info["default_model"] == SEG_INT8
+    assert seg[SEG_INT8].twin == SEG_FP32 and seg[SEG_FP32].twin == SEG_INT8
+    assert label_values(seg[SEG_INT8].labels) == {"liver": 1}
+    for card in (*seg.values(), *cls.values()):
+        raw = info["models"][card.name]["model_card"]
+        assert card.precision == info["models"][card.name]["precision"] in ("int8", "fp32")
+        assert card.params == raw["params"] > 0
+        size = raw["int8_size_bytes"] if card.is_int8 else raw["fp32_size_bytes"]
+        energy = raw["energy_int8_j"] if card.is_int8 else raw["energy_fp32_j"]
+        text = formatting.model_picker_text(card)
+        assert text.split(" | ")[:5] == [
+            card.name,
+            card.precision.upper(),
+            f"{formatting.format_count(raw['params'])} params",
+            formatting.format_bytes(size),
+            f"{formatting.format_energy(energy)}/pass" + ("  (default)" if card.default else ""),
+        ]
+        assert ("(INT8 " in formatting.model_card_text(card)) == (raw["int8_size_bytes"] is not None)
+    # INT8 is the smaller and cheaper twin
+    assert seg[SEG_INT8].size_bytes < seg[SEG_FP32].size_bytes and seg[SEG_INT8].energy_j < seg[SEG_FP32].energy_j
+    # classifiers: explanation methods from /info/, RISE when the app lists none
+    entry = info["models"][CLS_INT8]
+    listed = [explanation_key(m) for m in entry.get("explanations") or []]
+    assert cls[CLS_INT8].explanations == (listed or ["rise"])
+    assert cls[CLS_INT8].default_explanation in cls[CLS_INT8].explanations
+    status = formatting.app_status_text(info)
+    assert f"{len(info['models'])} models" in status and f"{len(STUDIES)} images, 2 labelled" in status
+
+
+# ------------------------------------------------------------------------------------------ next sample
+def test_next_sample_with_every_strategy(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, tmp_path: Path):
+    strategies = list(info["strategies"])
+    assert {"random", "first"} <= set(strategies) and len(strategies) > 2  # the app adds its own
+    original = (server.studies / f"{UNLABELED}.nii.gz").read_bytes()
+    for strategy in strategies:
+        sample = _run(
+            runner, workflows.fetch_next_sample, client, strategy, dest_dir=str(tmp_path / strategy), params={"max_slices": 6}
+        )
+        assert sample.strategy == strategy and sample.image_id == UNLABELED, (strategy, sample.info)
+        assert Path(sample.image_path).read_bytes() == original  # the downloaded image is the stored one
+
+
+# ------------------------------------------------------------------------------------------- segment
+@pytest.mark.parametrize("model", [SEG_INT8, SEG_FP32])
+def test_segment_int8_and_fp32(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, model: str):
+    card = _cards(info, SEGMENTATION)[model]
+    result = _run(runner, workflows.segment, client, model, image_id="example_mr_sm")
+    label, label_image = _read(result.label_path)
+    _, image = _read(server.studies / "example_mr_sm.nii.gz")
+    _assert_same_grid(label_image, image)
+    assert result.params["model"] == model and result.params["precision"] == card.precision
+    segments = split_label_map(label, card.labels, include_absent=True)
+    assert [(s.name, s.value) for s in segments] == [("liver", 1)]
+    assert segments[0].voxels == result.params["voxels"]["liver"] > 0
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    assert result.params["volumes_ml"]["liver"] == pytest.approx(segments[0].voxels * voxel_ml, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- compare
+def _check_same_figures(local, served: dict) -> None:
+    for key in ("agreement_voxels", "over_voxels", "under_voxels"):
+        assert local.summary()[key] == served[key], key
+    assert local.dice == pytest.approx(served["dice"], abs=1e-6)
+    assert local.over_ml == pytest.approx(served["over_ml"], rel=1e-4, abs=1e-6)
+    assert local.under_ml == pytest.approx(served["under_ml"], rel=1e-4, abs=1e-6)
+
+
+def test_compare_on_server_matches_the_lib_overlay(client: MonaiLabelClient, runner: JobRunner, info: dict):
+    image_id = "example_mr_sm"
+    int8_card = _cards(info, SEGMENTATION)[SEG_INT8]
+    int8_label, grid = _read(_run(runner, workflows.segment, client, SEG_INT8, image_id=image_id).label_path)
+    fp32_label, _ = _read(_run(runner, workflows.segment, client, SEG_FP32, image_id=image_id).label_path)
+    final, _ = _read(client.download_label(image_id, "final"))
+
+    for choice, reference_map in ((workflows.REFERENCE_FINAL, final), (workflows.REFERENCE_TWIN, fp32_label)):
+        reference = workflows.server_reference(choice, int8_card)
+        served = _run(runner, workflows.compare_on_server, client, SEG_INT8, image_id, reference)
+        assert served.comparison["reference"] == reference
+        comparison, comparison_image = _read(served.label_path)
+        _assert_same_grid(comparison_image, grid)
+        from_server = overlay_from_comparison_map(comparison, _spacing_kji(grid), reference, served.comparison)
+        _check_same_figures(from_server, served.comparison)
+        # the lib's own overlay from the two label maps draws the same over/under segments
+        local = overlay_from_masks(int8_label, reference_map, _spacing_kji(grid), 1, 1, reference)
+        assert np.array_equal(local.comparison, comparison)
+        _check_same_figures(local, served.comparison)
+        assert formatting.comparison_text(local) == formatting.comparison_text(from_server)
+        assert f"Dice {served.comparison['dice']:.3f} vs {reference}" in formatting.comparison_text(local)
+        assert [row[0] for row in formatting.comparison_rows(local)] == ["Agreement", "Over-segmentation", "Under-segmentation"]
+    assert local.over_ml + local.under_ml > 0 or local.dice == 1.0
+
+
+# ------------------------------------------------------------------------------------ classification
+def test_classify_probabilities_and_heat_map_for_every_method(
+    server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict
+):
+    card = _cards(info, CLASSIFICATION)[CLS_INT8]
+    _, image = _read(server.studies / "example_mr_sm.nii.gz")
+    for method in card.explanations:
+        result = _run(
+            runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=7, explain=method,
+            params={"rise_masks": RISE_MASKS},
+        )
+        assert result.explanation == method and result.params["slice"] == 7
+        rows = formatting.probability_rows(result.probabilities)
+        assert [name for name, _, _ in rows] == sorted(card.labels, key=lambda c: (-result.probabilities[c], c))
+        assert all(float(p.rstrip(" %")) <= 100 for _, p, _ in rows)
+        saliency, saliency_image = _read(result.label_path)
+        _assert_same_grid(saliency_image, image)
+        heat = heat_map_from_saliency(saliency, result.explanation, saliency_image.GetDirection(), result.params["slice"])
+        assert (heat.array_axis, heat.slice_index) == (0, 7) and heat.peak[0] == 7
+        assert heat.values.min() == 0.0 and heat.values.max() == pytest.approx(1.0)
+        assert heat.shown.sum() == saliency[7].size
+        indices = heat_map_indices(heat, 256)
+        assert indices[7].min() >= 1 and indices[7].max() == 255 and not indices[:7].any() and not indices[8:].any()
+        colors = heat_map_colors(256)
+        assert colors[0, 3] == 0.0 and tuple(colors[1, :3]) == (0.0, 0.0, 1.0) and tuple(colors[-1, :3]) == (1.0, 0.0, 0.0)
+
+
+def test_classify_slice_counts_along_the_axial_axis(client: MonaiLabelClient, runner: JobRunner, tmp_path: Path, server: ServerHandle):
+    """An upload whose first index axis is superior-inferior: the slice and the heat map follow that axis."""
+    original = sitk.ReadImage(str(server.studies / "example_mr_sm.nii.gz"))
+    permuted = sitk.PermuteAxes(original, [2, 0, 1])  # index axis 0 is now the axial one
+    sitk.WriteImage(permuted, str(tmp_path / "permuted.nii.gz"))
+    params = {"rise_masks": RISE_MASKS}
+    upright = _run(runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=5, params=params)
+    turned = _run(
+        runner, workflows.classify, client, CLS_INT8, image_file=str(tmp_path / "permuted.nii.gz"), slice_index=5,
+        params=params,
+    )
+    saliency, saliency_image = _read(turned.label_path)
+    _assert_same_grid(saliency_image, permuted)
+    heat = heat_map_from_saliency(saliency, turned.explanation, saliency_image.GetDirection(), turned.params["slice"])
+    assert heat.array_axis == 2 and heat.slice_index == 5 and heat.shown[:, :, 5].all() and heat.shown.sum() == saliency[:, :, 5].size
+    with pytest.raises(ValueError, match="off the classified slice"):  # read along the wrong axis
+        heat_map_from_saliency(saliency, "rise", original.GetDirection(), 5)
+    for name, p in upright.probabilities.items():  # the same physical slice was classified
+        assert turned.probabilities[name] == pytest.approx(p, abs=0.02), name
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_4xx_errors_carry_the_server_detail(client: MonaiLabelClient, runner: JobRunner, tmp_path: Path):
+    with pytest.raises(ServerError) as raised:
+        client.infer("no_such_model", image_id="example_mr_sm")
+    assert raised.value.status == 404 and "no_such_model" in raised.value.detail
+    text = formatting.error_text(raised.value)
+    assert text.startswith("The server answered 404:") and "no_such_model" in text and "Traceback" not in text
+
+    job = runner.wait(runner.submit("segment", workflows.segment, client, SEG_INT8, image_id="no_such_image"), 120)
+    assert job.state == JobState.FAILED and isinstance(job.error, ServerError) and job.error.status == 404
+    assert "no_such_image" in formatting.error_text(job.error) and "Traceback" not in job.message
+
+    wrong = sitk.GetImageFromArray(np.ones((5, 7, 9), np.uint8))
+    sitk.WriteImage(wrong, str(tmp_path / "wrong.nii.gz"))
+    for call, status, words in (
+        (lambda: client.save_label("example_mr_sm", str(tmp_path / "wrong.nii.gz")), 422, "size"),
+        (lambda: client.next_sample("no_such_strategy"), 404, "no_such_strategy"),
+        (lambda: client.train_start("no_such_task"), 404, "no_such_task"),
+        (lambda: client.infer(SEG_INT8, "example_mr_sm", {"reference": "no_such_reference"}), 422, "no_such_reference"),
+    ):
+        with pytest.raises(ServerError) as raised:
+            call()
+        assert raised.value.status == status and words in raised.value.detail, (raised.value.status, raised.value.detail)
+
+    job = runner.wait(
+        runner.submit("classify", workflows.classify, client, CLS_INT8, image_id="example_mr_sm", explain="no_such_method"),
+        120,
+    )
+    assert job.state == JobState.FAILED and isinstance(job.error, ServerError), (job.state, job.message)
+    assert job.error.status == 422 and "no_such_method" in job.error.detail
+
+
+def test_server_down_is_a_readable_error(runner: JobRunner):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    failures = []
+    client = MonaiLabelClient(url, timeout_s=5.0)
+    job = runner.wait(runner.submit("connect", workflows.connect, client, on_failed=failures.append), 30)
+    assert job.state == JobState.FAILED and isinstance(job.error, ServerUnavailable)
+    text = formatting.error_text(job.error)
+    assert url in text and "connection refused" in text and "Traceback" not in text
+    assert job.message == text  # what the panel shows
+    assert "Traceback" in failures[0].traceback  # the details still reach the log
+
+
+class _Failing(BaseHTTPRequestHandler):
+    """Answers 500 with FastAPI's JSON ``detail`` on GET, and a non-JSON 502 page on POST."""
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        self._reply(500, "application/json", json.dumps({"detail": "Internal error: model file is corrupt"}).encode())
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._reply(502, "text/html", b"<html><body>502 Bad Gateway</body></html>")
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_5xx_errors_are_readable(runner: JobRunner):
+    failing = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    try:
+        client = MonaiLabelClient(f"http://127.0.0.1:{failing.server_address[1]}", timeout_s=10.0)
+        job = runner.wait(runner.submit("connect", workflows.connect, client), 30)
+        assert job.state == JobState.FAILED and job.error.status == 500
+        assert job.error.detail == "Internal error: model file is corrupt"
+        assert formatting.error_text(job.error).endswith("model file is corrupt (see the server log for the cause)")
+        with pytest.raises(ServerError) as raised:
+            client.infer(SEG_INT8, image_id="example_mr_sm")
+        assert raised.value.status == 502 and "502 Bad Gateway" in raised.value.detail
+    finally:
+        failing.shutdown()
+        failing.server_close()
+
+
+def test_cancel_a_running_inference(client: MonaiLabelClient, runner: JobRunner, server: ServerHandle):
+    """Cancel stops waiting at once (the socket is shut down); the server stays up and keeps answering."""
+    job = runner.submit(
+        "classify", workflows.classify, client, CLS_INT8, image_id="example_mr_sm", params={"rise_masks": 1024}
+    )
+    deadline = time.monotonic() + 30
+    while job.message.find("Running") < 0 and time.monotonic() < deadline:  # the request is on its way
+        runner.poll()
+        time.sleep(0.02)
+    time.sleep(0.5)
+    runner.poll()
+    assert not job.done, "the inference finished before it could be cancelled"
+    cancelled_at = time.monotonic()
+    job.cancel("Cancelled by the test.")
+    runner.wait(job, timeout_s=10)
+    assert time.monotonic() - cancelled_at < 3.0
+    assert job.state == JobState.CANCELLED and isinstance(job.error, OperationCancelled), (job.state, job.message)
+    assert job.message == "Cancelled by the test." and job.result is None
+    assert server.alive() and "models" in client.info()
+    quick = _run(runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", params={"rise_masks": 8})
+    assert quick.probabilities
+
+
+# ------------------------------------------------------------------------------------------------ submit
+def test_submit_label_as_final_and_read_it_back(
+    server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, tmp_path: Path
+):
+    labels = _cards(info, SEGMENTATION)[SEG_INT8].labels
+    image_id = "example_ct_sm"
+    final, grid = _read(client.download_label(image_id, "final"))
+    edited_mask = final == 1
+    edited_mask[: edited_mask.shape[0] // 2] = False  # the annotator erased the upper half
+    edited = compose_label_map([("Liver", edited_mask)], labels)  # a Slicer segment named "Liver"
+    assert set(np.unique(edited)) <= {0, 1}
+    label_image = sitk.GetImageFromArray(edited)
+    label_image.CopyInformation(grid)
+    sitk.WriteImage(label_image, str(tmp_path / "edited.nii.gz"))
+
+    answer = _run(runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id)
+    assert answer["image"] == image_id
+    saved, saved_image = _read(client.download_label(image_id, "final", dest_dir=str(tmp_path / "back")))
+    _assert_same_grid(saved_image, grid)
+    assert np.array_equal(saved, edited)
+    assert "final" in client.datastore("all")["objects"][image_id]["labels"]
+
+    # a volume that is not in the datastore yet is uploaded first, then labelled
+    shutil.copy(server.studies / "example_mr_sm.nii.gz", tmp_path / "new_case.nii.gz")
+    mr_final, _ = _read(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")), str(tmp_path / "new_label.nii.gz"))
+    answer = _run(
+        runner, workflows.submit_label, client, str(tmp_path / "new_label.nii.gz"), image_path=str(tmp_path / "new_case.nii.gz")
+    )
+    new_id = answer["image"]
+    assert new_id and new_id not in STUDIES
+    back, _ = _read(client.download_label(new_id, "final", dest_dir=str(tmp_path / "back_new")))
+    assert np.array_equal(back, mr_final)
+    assert client.datastore("stats")["total"] == len(STUDIES) + 1
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+_VOXEL_KEYS = ("agreement_voxels", "over_voxels", "under_voxels", "prediction_voxels", "reference_voxels")
+
+
+def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelClient, runner: JobRunner, info: dict):
+    """Score as the panel does: the app's methods run as background tasks on the server, the lib follows each to
+    DONE, reads the per-image figures back from the datastore and formats them for the scores table."""
+    assert set(info["scoring"]) == {"over_under", "int8_agreement"}
+    started = int(time.time()) - 1  # stored figures carry a whole-second ``ts``
+    listing = _run(runner, workflows.run_scoring, client, "over_under", poll_interval_s=0.5, timeout_s=180)
+    objects = listing["objects"]
+    labelled = sorted(i for i, o in objects.items() if "final" in (o.get("labels") or {}))
+    assert UNLABELED in objects and UNLABELED not in labelled and len(labelled) >= 2
+    over_under = formatting.scores_by_image(listing, "over_under")
+    assert sorted(over_under) == labelled  # only images with a final label are scored
+    for image_id, figures in over_under.items():
+        assert figures["ts"] >= started and figures["model"] == info["default_model"] == SEG_INT8, image_id
+        assert 0.0 <= figures["dice"] <= 1.0 and figures["over_ml"] >= 0 and figures["under_ml"] >= 0, figures
+        assert all(isinstance(figures[k], int) and figures[k] >= 0 for k in _VOXEL_KEYS), figures
+        assert figures["agreement_voxels"] + figures["over_voxels"] == figures["prediction_voxels"] > 0
+    # the stored figures of an image are what the panel's Compare with its final label shows
+    image_id = "example_mr_sm"
+    served = _run(runner, workflows.compare_on_server, client, SEG_INT8, image_id, "final").comparison
+    stored = over_under[image_id]
+    assert {k: stored[k] for k in _VOXEL_KEYS} == {k: served[k] for k in _VOXEL_KEYS}
+    for key in ("dice", "over_ml", "under_ml", "agreement_ml"):
+        assert stored[key] == pytest.approx(served[key], rel=1e-6, abs=1e-9), key
+    assert client.image_info(image_id)["scores"]["over_under"] == stored  # /datastore/image/info agrees
+    rows = formatting.score_rows(listing, "over_under")
+    assert rows == [
+        (i, f"{over_under[i]['dice']:.3f}", formatting.format_ml(over_under[i]["over_ml"]),
+         formatting.format_ml(over_under[i]["under_ml"]))
+        for i in labelled
+    ]
+    assert all(len(row) == len(formatting.score_headers("over_under")) for row in rows)
+    mean = sum(f["dice"] for f in over_under.values()) / len(over_under)
+    summary = formatting.score_summary_text(listing, "over_under")
+    assert summary.startswith(f"over_under: {len(labelled)} images, mean Dice {mean:.3f} (")
+
+    # INT8 vs FP32 agreement: every image, labelled or not; the over_under scores stay
+    listing = _run(
+        runner, workflows.run_scoring, client, "int8_agreement", {"max_slices": 4}, poll_interval_s=0.5, timeout_s=180
+    )
+    agreement = formatting.scores_by_image(listing, "int8_agreement")
+    assert sorted(agreement) == sorted(objects)
+    for image_id, figures in agreement.items():
+        assert figures["ts"] >= started and figures["max_slices"] == 4, (image_id, figures)  # this run's figures
+        assert 0.0 <= figures["dice"] <= 1.0 and (figures["int8_model"], figures["fp32_model"]) == (SEG_INT8, SEG_FP32)
+        assert all(isinstance(figures[k], int) and figures[k] >= 0 for k in _VOXEL_KEYS), figures
+        assert figures["dice"] == pytest.approx(
+            2 * figures["agreement_voxels"] / (figures["prediction_voxels"] + figures["reference_voxels"])
+            if figures["prediction_voxels"] + figures["reference_voxels"] else 1.0
+        )
+    assert formatting.scores_by_image(listing, "over_under") == over_under
+    rows = formatting.score_rows(listing, "int8_agreement")
+    assert [row[0] for row in rows] == sorted(objects)
+    assert all(
+        row[1:] == (f"{agreement[row[0]]['dice']:.3f}", str(agreement[row[0]]["over_voxels"]),
+                    str(agreement[row[0]]["under_voxels"]))
+        for row in rows
+    )
+    assert len(formatting.score_headers("int8_agreement")) == len(rows[0])
+    assert formatting.score_summary_text(listing, "int8_agreement").startswith(f"int8_agreement: {len(objects)} images")
+
+    # an unknown method fails at once with the server's 404 detail, readable in the panel
+    job = runner.wait(runner.submit("score", workflows.run_scoring, client, "no_such_method"), 30)
+    assert job.state == JobState.FAILED and isinstance(job.error, ServerError), (job.state, job.message)
+    assert job.error.status == 404 and "no_such_method" in job.error.detail
+    text = formatting.error_text(job.error)
+    assert text.startswith("The server answered 404:") and "no_such_method" in text and "Traceback" not in text
+    assert "over_under" in job.error.detail and "Traceback" not in job.message  # the detail lists what exists
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_train_briefly_then_train_and_stop(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner):
+    tiny = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
+    messages: list[str] = []
+    job = runner.submit(
+        "train", workflows.run_training, client, "sadnn_seg", tiny, poll_interval_s=0.5,
+        on_progress=lambda event: messages.append(event.message),
+    )
+    runner.wait(job, timeout_s=240)
+    assert job.state == JobState.FINISHED, (job.message, server.log_tail())
+    outcome = job.result
+    assert outcome.status == "DONE" and outcome.stats["epoch"] == outcome.stats["total_epochs"] == 1
+    assert 0.0 <= outcome.stats["best_metric"] <= 1.0 and formatting.training_fraction(outcome.stats) == 1.0
+    assert "epoch 1/1, best validation Dice" in formatting.training_text("sadnn_seg", outcome.status, outcome.stats)
+    assert any("RUNNING" in m for m in messages)
+    published = outcome.stats["published"]["int8"]["sha256"]
+    result = _run(runner, workflows.segment, client, SEG_INT8, image_id="example_mr_sm")
+    assert result.params["model_version"]["sha256"] == published  # the panel's next segmentation uses it
+
+    # a long run, stopped from the panel once training has really started
+    job = runner.submit("train", workflows.run_training, client, "sadnn_seg", dict(tiny, max_epochs=50), poll_interval_s=0.5)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not job.done and "epoch" not in (job.message or ""):
+        runner.poll()
+        time.sleep(0.1)
+    assert not job.done and "epoch" in job.message, (job.state, job.message)
+    job.cancel("Training stopped by the test.")
+    runner.wait(job, timeout_s=60)
+    assert job.state == JobState.CANCELLED and "stopped on the server" in job.message, (job.state, job.message)
+    assert client.train_status(check_if_running=True) is None
+    assert client.info()["train_stats"]["sadnn_seg"]["status"] == "STOPPED"
+    assert server.alive()
