@@ -134,6 +134,16 @@ class ServerHandle:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def wait_for_training(self, timeout: float = 600) -> dict:
+        """Poll ``GET /train/`` until the run is neither SUBMITTED nor RUNNING; its last status."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.get("/train/", params={"check_if_running": "false"}).json()
+            if status["status"] not in ("SUBMITTED", "RUNNING"):
+                return status
+            time.sleep(2)
+        raise AssertionError(f"training did not finish in {timeout} s:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""

@@ -205,22 +205,12 @@ def test_uploaded_2d_image(server: ServerHandle, tmp_path: Path, model: str, met
 
 
 # ------------------------------------------------------------------------------------------- training
-def _wait_for_training(server: ServerHandle, timeout: float = 300) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = server.get("/train/", params={"check_if_running": "false"}).json()
-        if status["status"] not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"training did not finish in {timeout} s:\n{server.log_tail()}")
-
-
 def test_training_publishes_fp32_and_int8_and_the_model_reloads(server: ServerHandle, client: MONAILabelClient):
     family = "patchconvnet_cls"
     bundled = {m: server.get(f"/model/info/{m}").json()["checksum"] for m in (f"{family}_int8", f"{family}_fp32")}
     request = {"max_epochs": 2, "num_samples": 2, "train_batch_size": 2, "val_split": 0.5, "calibration_slices": 8}
     client.train_start(family, request)
-    status = _wait_for_training(server)
+    status = server.wait_for_training()
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     stats = server.get("/info/").json()["train_stats"][family]
     assert stats["status"] == "PUBLISHED" and stats["metric_name"] == "val_f1" and stats["total_epochs"] == 2

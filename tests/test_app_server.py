@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
+from tests.image_checks import assert_same_grid, read_array
 from tests.server_fixture import ServerHandle, copy_sample_datastore, start_server
 
 pytestmark = pytest.mark.slow
@@ -53,18 +54,6 @@ def _infer(server: ServerHandle, model: str, image: str | None = None, params: d
     return server.post(f"/infer/{model}", params=query, files=multipart)
 
 
-def _label_array(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), image
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
-    assert a.GetSize() == b.GetSize()
-    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------- info
 def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelClient):
     info = client.info()
@@ -93,9 +82,9 @@ def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelCl
 def test_infer_with_monailabel_client(server: ServerHandle, client: MONAILabelClient, model: str):
     """FP32 and INT8 SaDNN-seg segment the held-out CT (not trained on) on its own grid."""
     label_file, params = client.infer(model, "example_ct_dicom", {})
-    label, label_image = _label_array(label_file)
-    _, image = _label_array(server.studies / "example_ct_dicom.nii.gz")
-    _same_grid(label_image, image)
+    label, label_image = read_array(label_file)
+    _, image = read_array(server.studies / "example_ct_dicom.nii.gz")
+    assert_same_grid(label_image, image)
     assert params["model"] == model and params["precision"] == model.rsplit("_", 1)[1]
     assert set(np.unique(label)) <= {0, 1}
     for stage in ("pre", "infer", "post", "write", "total"):
@@ -108,8 +97,8 @@ def test_infer_with_monailabel_client(server: ServerHandle, client: MONAILabelCl
 @pytest.mark.parametrize("model", ["sadnn_seg_int8", "sadnn_seg_fp32"])
 def test_bundled_model_held_out_dice(server: ServerHandle, client: MONAILabelClient, model: str):
     label_file, _ = client.infer(model, "example_ct_dicom", {})
-    label, _ = _label_array(label_file)
-    reference, _ = _label_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
+    label, _ = read_array(label_file)
+    reference, _ = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
     dice = 2 * np.sum((label == 1) & (reference == 1)) / (np.sum(label == 1) + np.sum(reference == 1))
     # the bundled model's held-out Dice against the TotalSegmentator label (see monailabel_app/README.md): measured
     # 0.84 (FP32) and 0.84 (INT8) by train_bundled through the same infer tasks
@@ -152,9 +141,9 @@ def test_label_is_written_on_the_input_grid_for_non_trivial_geometry(server: Ser
     assert r_plain.status_code == 200 and r_moved.status_code == 200, r_moved.text
     (tmp_path / "plain.nii.gz").write_bytes(r_plain.content)
     (tmp_path / "moved_label.nii.gz").write_bytes(r_moved.content)
-    plain, _ = _label_array(tmp_path / "plain.nii.gz")
-    moved_label, moved_label_image = _label_array(tmp_path / "moved_label.nii.gz")
-    _same_grid(moved_label_image, moved_image)
+    plain, _ = read_array(tmp_path / "plain.nii.gz")
+    moved_label, moved_label_image = read_array(tmp_path / "moved_label.nii.gz")
+    assert_same_grid(moved_label_image, moved_image)
     expected = np.flip(np.transpose(plain, (1, 0, 2)), axis=2)
     assert np.array_equal(moved_label, expected)
 
@@ -168,7 +157,7 @@ def test_label_is_written_on_the_input_grid_for_non_trivial_geometry(server: Ser
     r = _infer(server, "sadnn_seg_int8", None, files={"file": ("oblique.nii.gz", (tmp_path / "oblique.nii.gz").read_bytes())}, output="image")
     assert r.status_code == 200, r.text
     (tmp_path / "oblique_label.nii.gz").write_bytes(r.content)
-    _same_grid(sitk.ReadImage(str(tmp_path / "oblique_label.nii.gz")), oblique)
+    assert_same_grid(sitk.ReadImage(str(tmp_path / "oblique_label.nii.gz")), oblique)
 
 
 def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
@@ -193,7 +182,7 @@ def test_over_under_against_a_known_reference(server: ServerHandle, tmp_path: Pa
     under/over counts and volumes; the map has 1 = agreement, 2 = over, 3 = under."""
     r = _infer(server, "sadnn_seg_int8", "example_mr_sm", output="image")
     (tmp_path / "pred.nii.gz").write_bytes(r.content)
-    pred, pred_image = _label_array(tmp_path / "pred.nii.gz")
+    pred, pred_image = read_array(tmp_path / "pred.nii.gz")
     assert pred.sum() > 100, "the bundled model should find liver in the MR"
     voxel_ml = float(np.prod(pred_image.GetSpacing())) / 1000.0
 
@@ -219,7 +208,7 @@ def test_over_under_against_a_known_reference(server: ServerHandle, tmp_path: Pa
     assert c["dice"] == pytest.approx(2 * c["agreement_voxels"] / (2 * c["agreement_voxels"] + c["over_voxels"] + c["under_voxels"]))
     r_map = _infer(server, "sadnn_seg_int8", "example_mr_sm", {"reference": "upload"}, files=files, output="image")
     (tmp_path / "map.nii.gz").write_bytes(r_map.content)
-    comparison, _ = _label_array(tmp_path / "map.nii.gz")
+    comparison, _ = read_array(tmp_path / "map.nii.gz")
     expected = np.zeros_like(pred)
     expected[(pred == 1) & (reference == 1)] = 1
     expected[(pred == 1) & (reference == 0)] = 2
@@ -234,7 +223,7 @@ def test_over_under_against_a_known_reference(server: ServerHandle, tmp_path: Pa
 def test_over_under_against_final_label_and_fp32_twin(server: ServerHandle):
     c = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "final"}).json()["comparison"]
     assert c["reference"] == "final" and 0.0 <= c["dice"] <= 1.0
-    reference, _ = _label_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
+    reference, _ = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
     assert c["agreement_voxels"] + c["under_voxels"] == int((reference == 1).sum())
     twin = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "sadnn_seg_fp32"}).json()
     assert twin["comparison"]["reference"] == "sadnn_seg_fp32"
@@ -259,9 +248,9 @@ def test_classification_probabilities_and_rise_saliency(server: ServerHandle, tm
     assert all(0.0 <= p <= 1.0 for p in probabilities.values())
     r_image = _infer(server, "sadnn_cls_fp32", "example_ct_dicom", {"slice": 7, "rise_masks": 64}, output="image")
     (tmp_path / "saliency.nii.gz").write_bytes(r_image.content)
-    saliency, saliency_image = _label_array(tmp_path / "saliency.nii.gz")
-    _, image = _label_array(server.studies / "example_ct_dicom.nii.gz")
-    _same_grid(saliency_image, image)
+    saliency, saliency_image = read_array(tmp_path / "saliency.nii.gz")
+    _, image = read_array(server.studies / "example_ct_dicom.nii.gz")
+    assert_same_grid(saliency_image, image)
     assert saliency.dtype == np.float32
     nonzero_slices = np.flatnonzero(np.abs(saliency).reshape(saliency.shape[0], -1).max(axis=1) > 0)
     assert nonzero_slices.tolist() == [7]
@@ -353,12 +342,12 @@ def test_bad_requests_get_4xx_and_change_nothing(server: ServerHandle, tmp_path:
 def test_save_label_keeps_earlier_labels(server: ServerHandle, client: MONAILabelClient, tmp_path: Path):
     final = server.studies / "labels" / "final" / "example_ct_sm.nii.gz"
     previous = final.read_bytes()
-    label, image = _label_array(final)
+    label, image = read_array(final)
     edited = sitk.GetImageFromArray((label > 0).astype(np.uint8)[:, ::-1].copy())
     edited.CopyInformation(image)
     sitk.WriteImage(edited, str(tmp_path / "edited.nii.gz"))
     client.save_label("example_ct_sm", str(tmp_path / "edited.nii.gz"), tag="final")
-    saved, _ = _label_array(final)
+    saved, _ = read_array(final)
     assert np.array_equal(saved, sitk.GetArrayFromImage(edited))
     history = sorted((server.studies / ".label_history" / "final").glob("example_ct_sm.*"))
     assert len(history) == 1 and history[0].read_bytes() == previous
@@ -369,20 +358,10 @@ def test_save_label_keeps_earlier_labels(server: ServerHandle, client: MONAILabe
 
 
 # ------------------------------------------------------------------------------------------- training
-def _wait_for_training(server: ServerHandle, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = server.get("/train/", params={"check_if_running": "false"}).json()
-        if status["status"] not in ("SUBMITTED", "RUNNING"):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"training did not finish in {timeout} s:\n{server.log_tail()}")
-
-
 def test_failed_and_stopped_training_keep_served_models(server: ServerHandle, client: MONAILabelClient):
     before = server.get("/model/info/sadnn_seg_int8").json()["checksum"]
     client.train_start("sadnn_seg", {"max_epochs": 1, "learning_rate": "not a number"})
-    failed = _wait_for_training(server)
+    failed = server.wait_for_training()
     assert failed["status"] == "ERROR", failed
     assert server.get("/model/info/sadnn_seg_int8").json()["checksum"] == before
 
@@ -406,7 +385,7 @@ def test_training_republishes_fp32_and_int8_and_inference_reloads(server: Server
     bundled = {m: server.get(f"/model/info/{m}").json()["checksum"] for m in ("sadnn_seg_int8", "sadnn_seg_fp32")}
     request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
     client.train_start("sadnn_seg", request)
-    status = _wait_for_training(server)
+    status = server.wait_for_training()
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     stats = server.get("/info/").json()["train_stats"]["sadnn_seg"]
     assert stats["status"] == "PUBLISHED" and stats["epoch"] == 1 and stats["total_epochs"] == 1
@@ -427,7 +406,7 @@ def test_training_republishes_fp32_and_int8_and_inference_reloads(server: Server
 def test_classifier_training_publishes(server: ServerHandle, client: MONAILabelClient):
     request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
     client.train_start("sadnn_cls", request)
-    status = _wait_for_training(server)
+    status = server.wait_for_training()
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
     stats = server.get("/info/").json()["train_stats"]["sadnn_cls"]
     assert stats["status"] == "PUBLISHED" and stats["metric_name"] == "val_f1"

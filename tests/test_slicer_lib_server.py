@@ -44,6 +44,7 @@ from MedAttnSlicerLib import (
     split_label_map,
 )
 from MedAttnSlicerLib import formatting, workflows
+from tests.image_checks import assert_same_grid, read_array
 from tests.server_fixture import ServerHandle, copy_sample_datastore, free_port, start_server
 
 pytestmark = pytest.mark.slow
@@ -94,18 +95,6 @@ def _run(runner: JobRunner, function, *args, timeout_s: float = 300.0, **kwargs)
         raise job.error
     assert job.state == JobState.FINISHED, (job.state, job.message)
     return job.result
-
-
-def _read(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), image
-
-
-def _assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
-    assert a.GetSize() == b.GetSize()
-    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)
 
 
 def _spacing_kji(image: sitk.Image) -> tuple[float, ...]:
@@ -169,9 +158,9 @@ def test_next_sample_with_every_strategy(server: ServerHandle, client: MonaiLabe
 def test_segment_int8_and_fp32(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, model: str):
     card = _cards(info, SEGMENTATION)[model]
     result = _run(runner, workflows.segment, client, model, image_id="example_mr_sm")
-    label, label_image = _read(result.label_path)
-    _, image = _read(server.studies / "example_mr_sm.nii.gz")
-    _assert_same_grid(label_image, image)
+    label, label_image = read_array(result.label_path)
+    _, image = read_array(server.studies / "example_mr_sm.nii.gz")
+    assert_same_grid(label_image, image)
     assert result.params["model"] == model and result.params["precision"] == card.precision
     segments = split_label_map(label, card.labels, include_absent=True)
     assert [(s.name, s.value) for s in segments] == [("liver", 1)]
@@ -192,16 +181,16 @@ def _check_same_figures(local, served: dict) -> None:
 def test_compare_on_server_matches_the_lib_overlay(client: MonaiLabelClient, runner: JobRunner, info: dict):
     image_id = "example_mr_sm"
     int8_card = _cards(info, SEGMENTATION)[SEG_INT8]
-    int8_label, grid = _read(_run(runner, workflows.segment, client, SEG_INT8, image_id=image_id).label_path)
-    fp32_label, _ = _read(_run(runner, workflows.segment, client, SEG_FP32, image_id=image_id).label_path)
-    final, _ = _read(client.download_label(image_id, "final"))
+    int8_label, grid = read_array(_run(runner, workflows.segment, client, SEG_INT8, image_id=image_id).label_path)
+    fp32_label, _ = read_array(_run(runner, workflows.segment, client, SEG_FP32, image_id=image_id).label_path)
+    final, _ = read_array(client.download_label(image_id, "final"))
 
     for choice, reference_map in ((workflows.REFERENCE_FINAL, final), (workflows.REFERENCE_TWIN, fp32_label)):
         reference = workflows.server_reference(choice, int8_card)
         served = _run(runner, workflows.compare_on_server, client, SEG_INT8, image_id, reference)
         assert served.comparison["reference"] == reference
-        comparison, comparison_image = _read(served.label_path)
-        _assert_same_grid(comparison_image, grid)
+        comparison, comparison_image = read_array(served.label_path)
+        assert_same_grid(comparison_image, grid)
         from_server = overlay_from_comparison_map(comparison, _spacing_kji(grid), reference, served.comparison)
         _check_same_figures(from_server, served.comparison)
         # the lib's own overlay from the two label maps draws the same over/under segments
@@ -219,7 +208,7 @@ def test_classify_probabilities_and_heat_map_for_every_method(
     server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict
 ):
     card = _cards(info, CLASSIFICATION)[CLS_INT8]
-    _, image = _read(server.studies / "example_mr_sm.nii.gz")
+    _, image = read_array(server.studies / "example_mr_sm.nii.gz")
     for method in card.explanations:
         result = _run(
             runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=7, explain=method,
@@ -229,8 +218,8 @@ def test_classify_probabilities_and_heat_map_for_every_method(
         rows = formatting.probability_rows(result.probabilities)
         assert [name for name, _, _ in rows] == sorted(card.labels, key=lambda c: (-result.probabilities[c], c))
         assert all(float(p.rstrip(" %")) <= 100 for _, p, _ in rows)
-        saliency, saliency_image = _read(result.label_path)
-        _assert_same_grid(saliency_image, image)
+        saliency, saliency_image = read_array(result.label_path)
+        assert_same_grid(saliency_image, image)
         heat = heat_map_from_saliency(saliency, result.explanation, saliency_image.GetDirection(), result.params["slice"])
         assert (heat.array_axis, heat.slice_index) == (0, 7) and heat.peak[0] == 7
         assert heat.values.min() == 0.0 and heat.values.max() == pytest.approx(1.0)
@@ -252,8 +241,8 @@ def test_classify_slice_counts_along_the_axial_axis(client: MonaiLabelClient, ru
         runner, workflows.classify, client, CLS_INT8, image_file=str(tmp_path / "permuted.nii.gz"), slice_index=5,
         params=params,
     )
-    saliency, saliency_image = _read(turned.label_path)
-    _assert_same_grid(saliency_image, permuted)
+    saliency, saliency_image = read_array(turned.label_path)
+    assert_same_grid(saliency_image, permuted)
     heat = heat_map_from_saliency(saliency, turned.explanation, saliency_image.GetDirection(), turned.params["slice"])
     assert heat.array_axis == 2 and heat.slice_index == 5 and heat.shown[:, :, 5].all() and heat.shown.sum() == saliency[:, :, 5].size
     with pytest.raises(ValueError, match="off the classified slice"):  # read along the wrong axis
@@ -373,7 +362,7 @@ def test_submit_label_as_final_and_read_it_back(
 ):
     labels = _cards(info, SEGMENTATION)[SEG_INT8].labels
     image_id = "example_ct_sm"
-    final, grid = _read(client.download_label(image_id, "final"))
+    final, grid = read_array(client.download_label(image_id, "final"))
     edited_mask = final == 1
     edited_mask[: edited_mask.shape[0] // 2] = False  # the annotator erased the upper half
     edited = compose_label_map([("Liver", edited_mask)], labels)  # a Slicer segment named "Liver"
@@ -384,21 +373,21 @@ def test_submit_label_as_final_and_read_it_back(
 
     answer = _run(runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id)
     assert answer["image"] == image_id
-    saved, saved_image = _read(client.download_label(image_id, "final", dest_dir=str(tmp_path / "back")))
-    _assert_same_grid(saved_image, grid)
+    saved, saved_image = read_array(client.download_label(image_id, "final", dest_dir=str(tmp_path / "back")))
+    assert_same_grid(saved_image, grid)
     assert np.array_equal(saved, edited)
     assert "final" in client.datastore("all")["objects"][image_id]["labels"]
 
     # a volume that is not in the datastore yet is uploaded first, then labelled
     shutil.copy(server.studies / "example_mr_sm.nii.gz", tmp_path / "new_case.nii.gz")
-    mr_final, _ = _read(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")
+    mr_final, _ = read_array(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")
     sitk.WriteImage(sitk.ReadImage(str(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")), str(tmp_path / "new_label.nii.gz"))
     answer = _run(
         runner, workflows.submit_label, client, str(tmp_path / "new_label.nii.gz"), image_path=str(tmp_path / "new_case.nii.gz")
     )
     new_id = answer["image"]
     assert new_id and new_id not in STUDIES
-    back, _ = _read(client.download_label(new_id, "final", dest_dir=str(tmp_path / "back_new")))
+    back, _ = read_array(client.download_label(new_id, "final", dest_dir=str(tmp_path / "back_new")))
     assert np.array_equal(back, mr_final)
     assert client.datastore("stats")["total"] == len(STUDIES) + 1
 
