@@ -130,3 +130,20 @@ def test_invalid_configurations_and_inputs():
         HCT(blocks=(2, 2))
     with pytest.raises(ValueError, match="expected input"):
         HCT(channels=(8, 8, 16, 16, 32))(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.slow  # ~25 s: child processes (torch import) and exact attention at 3328 tokens
+def test_whole_network_memory_is_linear_in_tokens_up_to_2048x1664():
+    # the benchmark's own measurement (peak RSS of one forward, in a child process per attention) on its quick ladder
+    # 1024x832 -> 2048x1664; exact softmax attention is the control that shows the measurement can see N^2 growth
+    from benchmarks.hct_resolution import QUICK_LADDER, measure
+
+    results = measure(QUICK_LADDER, ("performer_softmax", "softmax"), repeats=1, threads=1, log=lambda _: None)
+    performer, exact = results["performer_softmax"], results["softmax"]
+    assert performer["points"][-1]["tokens"] == [3328, 832, 832, 208]  # 64x52 feature map in the first AC block
+    assert performer["points"][0]["peak_bytes"] > 16 * 2**20  # a real forward's activations, not noise
+    assert performer["memory_slope"] < 1.3, performer
+    assert all(ratio < 2.6 for ratio in performer["memory_per_doubling"]), performer  # 2.0 per doubling: linear
+    # exact attention materialises 8 x N^2 weights (338 MiB at 3328 tokens): clearly super-linear
+    assert exact["memory_slope"] > 1.6, exact
+    assert exact["points"][-1]["peak_bytes"] > 2.5 * performer["points"][-1]["peak_bytes"]
