@@ -202,3 +202,30 @@ def test_narrow_resnet_backbones_for_cpu_sized_models():
     assert tiny.mode == "baseline" and count_parameters(tiny) == 359_077
     with torch.no_grad():
         assert tiny(torch.randn(2, 1, 128, 128)).shape == (2, 5)
+
+
+def test_backbone_norm_replaces_every_batchnorm_and_keeps_the_parameter_count():
+    """``backbone_norm`` swaps all of a ResNet backbone's BatchNorms (MONAI's ``ResNet(norm=...)`` only swaps the
+    stem's); an affine instance norm keeps the parameters and drops the running statistics, so a slice's features no
+    longer depend on the training set's batch statistics."""
+    from networks.factory import create_model
+
+    batch = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125)
+    instance = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125, norm=("instance", {"affine": True}))
+    assert count_parameters(instance) == count_parameters(batch) == 77_640
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in instance.modules())
+    assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in instance.modules()) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules()
+    )
+    assert not list(instance.buffers())
+    # instance-normalised features: scaling the input (a contrast change; the stem conv has no bias) changes nothing
+    x = torch.rand(2, 1, 64, 64)
+    instance.train()  # no running statistics: train and eval mode are the same function
+    with torch.no_grad():
+        torch.testing.assert_close(instance(x), instance.eval()(3.0 * x), atol=2e-2, rtol=5e-2)
+    with pytest.raises(ValueError, match="ResNet backbones only"):
+        BackboneFeatures("densenet121", norm="instance")
+    # list form, as factory kwargs come back from a checkpoint's JSON-like metadata
+    model = create_model("scopeformer_tiny", in_channels=1, out_channels=5, backbone_norm=["group", {"num_groups": 4}])
+    assert count_parameters(model) == 359_077
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.backbones.modules())

@@ -110,7 +110,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "scopeformer_cls",
             "classification",
             "scopeformer_tiny",
-            {"in_channels": 1},
+            # instance-normalised backbones (no running statistics: BatchNorm's, from one or two training volumes,
+            # did not carry over to other scans) and dropout 0.2 in the transformer: see monailabel_app/README.md
+            {"in_channels": 1, "backbone_norm": ["instance", {"affine": True}], "dropout": 0.2},
             2,
             True,
             "Efficient Scopeformer (CNN backbones + re-attention ViT, baseline tokens), tiny: per-slice multi-label "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import Conv, Pool
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks import nets as monai_nets
 from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
@@ -59,6 +60,24 @@ _HEAD_PREFIXES = {
 CT_HU_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (80.0, 200.0))
 
 
+def _replace_batch_norms(module: nn.Module, norm: str | tuple, spatial_dims: int) -> None:
+    """Replace every BatchNorm inside ``module`` by ``norm`` on the same channels, in place.
+
+    MONAI's ``ResNet(norm=...)`` only applies ``norm`` to the stem (its residual layers are built with the default
+    BatchNorm), so the backbone's norms are swapped after construction. Affine weights start at 1 and biases at 0, as
+    MONAI initialises BatchNorm.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            replacement = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=child.num_features)
+            if getattr(replacement, "weight", None) is not None:
+                nn.init.ones_(replacement.weight)
+                nn.init.zeros_(replacement.bias)
+            setattr(module, name, replacement)
+        else:
+            _replace_batch_norms(child, norm, spatial_dims)
+
+
 class BackboneFeatures(nn.Module):
     """A MONAI classification network used as a feature extractor: its last feature map, head removed.
 
@@ -78,12 +97,18 @@ class BackboneFeatures(nn.Module):
         in_channels: input channels.
         width: channel multiplier of ResNet backbones (MONAI's ``widen_factor``; e.g. 0.125 gives 8..64 channels
             for CPU-sized models); other families only accept 1.0.
+        norm: normalisation of ResNet backbones, a MONAI norm name or ``(name, kwargs)`` (default ``"batch"``, as in
+            the paper). ``("instance", {"affine": True})`` or ``("group", {"num_groups": 4})`` keep the parameter
+            count and use no running statistics: with tiny batches from one or two training volumes, BatchNorm's
+            running statistics do not carry over to other scans. Other families only accept ``"batch"``.
 
     Shapes:
         ``(B, in_channels, *S) -> (B, out_channels, *S / 32)``.
     """
 
-    def __init__(self, name: str, spatial_dims: int = 2, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(
+        self, name: str, spatial_dims: int = 2, in_channels: int = 3, width: float = 1.0, norm: str | tuple = "batch"
+    ) -> None:
         super().__init__()
         if name not in SCOPEFORMER_BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(SCOPEFORMER_BACKBONES)}.")
@@ -93,6 +118,10 @@ class BackboneFeatures(nn.Module):
             raise ValueError(f"backbone width must be positive, got {width!r}.")
         if width != 1.0 and self.family != "resnet":
             raise ValueError(f"backbone width {width} applies to ResNet backbones only, not {name!r}.")
+        if isinstance(norm, list):  # factory kwargs read back from a checkpoint's JSON metadata
+            norm = (norm[0], dict(norm[1])) if len(norm) == 2 else tuple(norm)
+        if norm != "batch" and self.family != "resnet":
+            raise ValueError(f"backbone norm {norm!r} applies to ResNet backbones only, not {name!r}.")
         self.net: nn.Module
         if self.family == "densenet":
             densenet = getattr(monai_nets, name.replace("densenet", "DenseNet"))
@@ -115,6 +144,8 @@ class BackboneFeatures(nn.Module):
                 feed_forward=False,
                 widen_factor=width,
             )
+            if norm != "batch":
+                _replace_batch_norms(net, norm, spatial_dims)
             self.out_channels = net.in_planes
         self.net = net
 
@@ -202,6 +233,7 @@ class Scopeformer(nn.Module):
         reattention: re-attention (``True``) or plain multi-head attention (``False``).
         reattention_norm: ``"batch"``, ``"layer"`` or ``None``.
         backbone_width: channel multiplier of ResNet backbones (see :class:`BackboneFeatures`), for CPU-sized models.
+        backbone_norm: normalisation of ResNet backbones (see :class:`BackboneFeatures`); ``"batch"`` as in the paper.
 
     Shapes:
         ``(B, in_channels, *S) -> (B, out_channels)``; each side of ``S`` at least ``32 * grid`` to avoid
@@ -226,6 +258,7 @@ class Scopeformer(nn.Module):
         reattention: bool = True,
         reattention_norm: str | None = "batch",
         backbone_width: float = 1.0,
+        backbone_norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -265,7 +298,7 @@ class Scopeformer(nn.Module):
         self.use_cls = mode != "efficient"
 
         self.backbones = nn.ModuleList(
-            BackboneFeatures(name, spatial_dims, in_channels, backbone_width) for name in backbones
+            BackboneFeatures(name, spatial_dims, in_channels, backbone_width, backbone_norm) for name in backbones
         )
         for backbone in self.backbones:
             if backbone.name in backbone_weights:
