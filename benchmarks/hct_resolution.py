@@ -49,6 +49,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks.attention_core import time_round_robin  # noqa: E402
+
 from networks.nets.hct import HCT, AttentionConvBlock  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,19 +140,6 @@ def measure_peak_memory(attention: str, ladder: Sequence[tuple[int, int]], threa
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {attention} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def time_round_robin(functions: dict, repeats: int) -> dict[str, list[float]]:
-    for function in functions.values():  # warm-up: first-call allocations, page faults of fresh buffers
-        function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    names = list(functions)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            start = time.perf_counter()
-            functions[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -261,3 +261,18 @@ def monailabel_server(sample_studies: Path, tmp_path_factory: pytest.TempPathFac
         yield handle
     finally:
         handle.stop()
+
+
+def start_sample_server(
+    tmp_path_factory: pytest.TempPathFactory, images: Sequence[str] | None = None, conf: dict[str, str] | None = None
+) -> ServerHandle:
+    """A server (use it as a context manager) over a fresh copy of the sample datastore (``images``), with
+    ``--conf models all`` unless ``conf`` says otherwise and a fresh ``model_dir`` (``handle.model_dir``) for what
+    training publishes, so tests never touch the bundled weights."""
+    studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=images)
+    model_dir = tmp_path_factory.mktemp("trained")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    handle = start_server(studies, {"models": "all", "model_dir": str(model_dir), **(conf or {})}, log_path=log)
+    handle.model_dir = model_dir
+    return handle
+

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from tests.server_fixture import ServerHandle, copy_sample_datastore, start_server
+from tests.server_fixture import ServerHandle, start_sample_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,8 @@ MODELS = [f"{family}_{precision}" for family in EXPLANATIONS for precision in ("
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=STUDIES)
-    model_dir = tmp_path_factory.mktemp("trained")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    conf = {"models": ",".join(EXPLANATIONS), "model_dir": str(model_dir), "rise_masks": "32"}
-    handle = start_server(studies, conf, log_path=log)
-    handle.model_dir = model_dir
-    try:
+    with start_sample_server(tmp_path_factory, STUDIES, {"models": ",".join(EXPLANATIONS), "rise_masks": "32"}) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
 from tests.image_checks import assert_same_grid, read_array
-from tests.server_fixture import ServerHandle, copy_sample_datastore, start_server
+from tests.server_fixture import ServerHandle, start_sample_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +29,8 @@ SEG_MODELS = ("sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_int8", "unet_seg_fp3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=STUDIES)
-    model_dir = tmp_path_factory.mktemp("trained")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    handle = start_server(studies, {"models": "all", "model_dir": str(model_dir)}, log_path=log)
-    handle.model_dir = model_dir
-    try:
+    with start_sample_server(tmp_path_factory, STUDIES) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from MedAttnSlicerLib import (
 )
 from MedAttnSlicerLib import formatting, workflows
 from tests.image_checks import assert_same_grid, read_array
-from tests.server_fixture import ServerHandle, copy_sample_datastore, free_port, start_server
+from tests.server_fixture import ServerHandle, free_port, start_sample_server
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +59,8 @@ RISE_MASKS = 32  # enough for a map, cheap on 2 cores
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=STUDIES)
-    model_dir = tmp_path_factory.mktemp("trained")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    handle = start_server(studies, {"models": "all", "model_dir": str(model_dir)}, log_path=log)
-    try:
+    with start_sample_server(tmp_path_factory, STUDIES) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
