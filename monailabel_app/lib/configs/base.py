@@ -55,6 +55,20 @@ class FamilyConfig(TaskConfig):
             tasks[name] = self.make_infer(name, precision)
         return tasks
 
+    def infer_arguments(self, name: str, precision: str) -> dict[str, Any]:
+        """Keyword arguments every family's infer task takes (:class:`~monailabel_app.lib.infers.base.AppInferTask`)."""
+        return dict(
+            name=name,
+            spec=self.spec,
+            files=self.files,
+            precision=precision,
+            cache=self.cache,
+            app_labels=self.app_config.labels,
+            twin=self.twin_of(precision),
+            default=False,
+            modality=self.app_config.modality,
+        )
+
     @abstractmethod
     def make_infer(self, name: str, precision: str) -> InferTask:
         """The infer task serving this family's ``precision`` network as ``name``."""

@@ -27,15 +27,7 @@ class ClassificationConfig(FamilyConfig):
 
     def make_infer(self, name: str, precision: str) -> InferTask:
         return ClassificationInfer(
-            name,
-            self.spec,
-            self.files,
-            precision,
-            self.cache,
-            self.app_config.labels,
-            twin=self.twin_of(precision),
-            default=False,
-            modality=self.app_config.modality,
+            **self.infer_arguments(name, precision),
             rise_masks=self.app_config.rise_masks,
             explanations=check_explanations(self.explanations, self.default_explanation),
             default_explanation=self.default_explanation,

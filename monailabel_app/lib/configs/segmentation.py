@@ -20,15 +20,7 @@ class SegmentationConfig(FamilyConfig):
 
     def make_infer(self, name: str, precision: str) -> InferTask:
         return SegmentationInfer(
-            name,
-            self.spec,
-            self.files,
-            precision,
-            self.cache,
-            self.app_config.labels,
-            twin=self.twin_of(precision),
-            default=False,
-            modality=self.app_config.modality,
+            **self.infer_arguments(name, precision),
             batch_size=self.app_config.batch_size,
         )
 
