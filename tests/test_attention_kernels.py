@@ -208,7 +208,10 @@ def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads):
     got = local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads)
     portable = torch.ops.medattn._local_attention_int8_portable(qq, kq, vq, rel, kernel_size, heads)
     expected = reference_attention_int8(qq, kq, vq, rel, kernel_size, heads)
-    assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous()
+    # channels-last output: the layout the next layer's quantized projections read
+    assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous(
+        memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    )
     # float32 vs float64 logits can move a weight across a rounding boundary: at most one weight LSB (1/255 of
     # the largest weight) times the value range, and rarely
     one_lsb = 2 * vq.dequantize().abs().max().item() / 255
@@ -231,6 +234,42 @@ def test_int8_kernel_accepts_any_memory_format_and_kernel_size_one():
     # a one-pixel window: softmax over a single neighbour is 1, so the output is v itself
     single = local_attention_fused_int8(qq, kq, vq, rel[4:5], 1, 2)
     torch.testing.assert_close(single, vq.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, kernel_size, heads", [((2, 64, 5, 21), 3, 1), ((1, 12, 3, 21), 5, 3),
+                                                      ((1, 8, 2, 3, 17), 3, 2), ((2, 8, 4, 6), 1, 1)])
+def test_int8_kernel_epilogue_is_per_channel_affine_then_relu(shape, kernel_size, heads):
+    """The fused epilogue (a folded BatchNorm -> ReLU) equals the same maths applied to the plain output."""
+    q, k, v, rel = random_inputs(shape, kernel_size, seed=7)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    generator = torch.Generator().manual_seed(8)
+    scale = torch.randn(shape[1], generator=generator)
+    shift = torch.randn(shape[1], generator=generator)
+    view = (1, shape[1]) + (1,) * (len(shape) - 2)
+    for op in (torch.ops.medattn.local_attention_int8, torch.ops.medattn._local_attention_int8_portable):
+        plain = op(qq, kq, vq, rel, kernel_size, heads)
+        expected = torch.relu(plain * scale.view(view) + shift.view(view))
+        fused = op(qq, kq, vq, rel, kernel_size, heads, scale, shift, True)
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        assert (fused == 0).any() and (fused > 0).any()
+        torch.testing.assert_close(op(qq, kq, vq, rel, kernel_size, heads, None, shift), plain + shift.view(view),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="out_scale must hold one value per channel"):
+        torch.ops.medattn.local_attention_int8(qq, kq, vq, rel, kernel_size, heads, scale[:-1], shift, True)
+    with pytest.raises(RuntimeError, match="out_shift must be a float32"):
+        torch.ops.medattn.local_attention_int8(qq, kq, vq, rel, kernel_size, heads, scale, shift.double(), False)
+
+
+def test_int8_op_six_argument_form_of_older_artifacts_still_compiles():
+    """Artifacts saved before the epilogue arguments existed call the op with six arguments; TorchScript recompiles
+    their code on load against the current schema, whose new arguments have defaults."""
+    q, k, v, rel = random_inputs((1, 8, 5, 9), 3, seed=9)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    unit = torch.jit.CompilationUnit(
+        "def core(q: Tensor, k: Tensor, v: Tensor, rel: Tensor) -> Tensor:\n"
+        "    return torch.ops.medattn.local_attention_int8(q, k, v, rel, 3, 2)\n"
+    )
+    assert torch.equal(unit.core(qq, kq, vq, rel), local_attention_fused_int8(qq, kq, vq, rel, 3, 2))
 
 
 def test_int8_kernel_on_larger_images_with_two_threads():

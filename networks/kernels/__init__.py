@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 
 __all__ = [
@@ -212,9 +214,18 @@ def local_attention_fused(
 
 
 def local_attention_fused_int8(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor, kernel_size: int, heads: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel: torch.Tensor,
+    kernel_size: int,
+    heads: int,
+    out_scale: Optional[torch.Tensor] = None,
+    out_shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """Fused INT8 local self-attention core on quantized q, k, v (inference only).
+    """Fused INT8 local self-attention core on quantized q, k, v (inference only), with an optional per-channel
+    epilogue ``relu?(out_scale * y + out_shift)`` applied while storing (a folded BatchNorm -> ReLU).
 
     ``q . k`` and the weighted value sum run in integer arithmetic on the raw bytes (VNNI), ``q . rel`` uses a
     16-bit fixed-point copy of ``rel``, the softmax runs in float and its weights are rounded to 8 bits relative to
@@ -228,13 +239,18 @@ def local_attention_fused_int8(
         rel: relative embeddings ``(K, C)`` float32.
         kernel_size: odd window size along every axis.
         heads: number of heads.
+        out_scale: optional float32 ``(C,)`` multiplied into the output channels (None: 1).
+        out_shift: optional float32 ``(C,)`` added after the scale (None: 0).
+        relu: apply ReLU last.
 
     Returns:
-        ``(B, C, *spatial)`` float32, contiguous.
+        ``(B, C, *spatial)`` float32 in channels-last memory format (the layout the next layer's quantized
+        projections read; ``.contiguous()`` gives NC[D]HW).
 
     Raises:
-        RuntimeError: q, k or v not quint8 per-tensor affine, wrong shapes, or grad required with grad mode on.
+        RuntimeError: q, k or v not quint8 per-tensor affine, wrong shapes, out_scale/out_shift not float32 with C
+            values, or grad required with grad mode on.
     """
     if not torch.jit.is_scripting():
         load_kernels()
-    return torch.ops.medattn.local_attention_int8(q, k, v, rel, kernel_size, heads)
+    return torch.ops.medattn.local_attention_int8(q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu)

@@ -48,6 +48,11 @@ class QuantizedLocalSelfAttention(nn.Module):
     """INT8 local self-attention: the input is quantised once, the three 1x1 projections run as quantized convs and
     their quint8 outputs go straight into the fused INT8 attention core; the relative-embedding term stays float.
 
+    The core writes its float output channels-last (the layout the next layer's quantized projections read) and can
+    apply a per-channel epilogue ``relu?(output_scale * y + output_shift)`` while storing it: ``quantize_int8``
+    folds the value equalisation's undoing, a following eval BatchNorm and a following ReLU into it (and replaces
+    those modules by ``nn.Identity``), which saves three passes over every activation.
+
     The relative embedding is kept in the float layer's compact form (one ``(group, kernel_size)`` table per spatial
     axis, concatenated over channels into ``relative_tables`` of shape ``(out_channels, kernel_size)``) and expanded
     to ``(K, out_channels)`` in every forward (a tiny gather), which keeps the artifact 3x smaller than storing the
@@ -69,7 +74,10 @@ class QuantizedLocalSelfAttention(nn.Module):
         output_scale: optional float ``(out_channels,)`` multiplied into the output channels. The value projection
             of an equalised layer produces ``u_c * v_c`` so every channel uses the full 8-bit range of the per-tensor
             quantisation; ``output_scale = 1 / u`` undoes it (the attention weights act per channel, so this is
-            exact). None when the undoing was folded into a following BatchNorm (or no equalisation was done).
+            exact); a fused following BatchNorm multiplies in its ``weight / sqrt(running_var + eps)``. None: 1.
+        output_shift: optional float ``(out_channels,)`` added after ``output_scale`` (a fused BatchNorm's
+            ``bias - running_mean * weight / sqrt(running_var + eps)``). None: 0.
+        relu: apply ReLU last (a fused following ReLU).
 
     Shapes:
         ``(B, in_channels, *spatial) -> (B, out_channels, *spatial)`` float.
@@ -89,13 +97,16 @@ class QuantizedLocalSelfAttention(nn.Module):
         input_scale: float,
         input_zero_point: int,
         output_scale: Optional[torch.Tensor] = None,
+        output_shift: Optional[torch.Tensor] = None,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         out_channels = int(query.out_channels)
-        if output_scale is not None and tuple(output_scale.shape) != (out_channels,):
-            raise ValueError(f"output_scale must be ({out_channels},), got {tuple(output_scale.shape)}")
+        for label, tensor in (("output_scale", output_scale), ("output_shift", output_shift)):
+            if tensor is not None and tuple(tensor.shape) != (out_channels,):
+                raise ValueError(f"{label} must be ({out_channels},), got {tuple(tensor.shape)}")
         if tuple(relative_tables.shape) != (out_channels, kernel_size):
             raise ValueError(
                 f"relative_tables must be (out_channels, kernel_size) = ({out_channels}, {kernel_size}), "
@@ -124,6 +135,10 @@ class QuantizedLocalSelfAttention(nn.Module):
         scale_shape = [1, out_channels] + [1] * spatial_dims
         scale = output_scale.detach().float() if output_scale is not None else torch.ones(out_channels)
         self.register_buffer("output_scale", scale.reshape(scale_shape).contiguous().clone())
+        self.has_output_shift = output_shift is not None
+        shift = output_shift.detach().float() if output_shift is not None else torch.zeros(out_channels)
+        self.register_buffer("output_shift", shift.reshape(scale_shape).contiguous().clone())
+        self.relu = bool(relu)
 
     def relative_embedding(self) -> torch.Tensor:
         """``(K, out_channels)`` float: ``rel[n, c] = relative_tables[c, offset_index[n, axis(c)]]``."""
@@ -146,17 +161,28 @@ class QuantizedLocalSelfAttention(nn.Module):
         if self.kernel_size == 1:
             # one neighbour: its softmax weight is exactly 1, so the layer is its value projection
             y = v.dequantize()
-        else:
-            q = self.query(xq)
-            k = self.key(xq)
-            y = torch.ops.medattn.local_attention_int8(q, k, v, self.relative_embedding(), self.kernel_size, self.heads)
+            if self.has_output_scale:
+                y = y * self.output_scale
+            if self.has_output_shift:
+                y = y + self.output_shift
+            if self.relu:
+                y = torch.relu(y)
+            return y
+        q = self.query(xq)
+        k = self.key(xq)
+        scale: Optional[torch.Tensor] = None
+        shift: Optional[torch.Tensor] = None
         if self.has_output_scale:
-            y = y * self.output_scale
-        return y
+            scale = self.output_scale
+        if self.has_output_shift:
+            shift = self.output_shift
+        return torch.ops.medattn.local_attention_int8(
+            q, k, v, self.relative_embedding(), self.kernel_size, self.heads, scale, shift, self.relu
+        )
 
     def extra_repr(self) -> str:
         return (
             f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"kernel_size={self.kernel_size}, heads={self.heads}, input_scale={self.input_scale:.6g}, "
-            f"input_zero_point={self.input_zero_point}"
+            f"input_zero_point={self.input_zero_point}, relu={self.relu}"
         )

@@ -51,9 +51,20 @@ struct QuantizedOperand {
   int32_t zero_point = 0;
 };
 
-// INT8. q, k, v: channels-last uint8; rel: contiguous (K, C) float; out: contiguous (B, C, D, H, W) float.
+// Per-channel epilogue of the INT8 core: y[c] = a[c] * attention[c] + b[c], then max(y, 0) if relu. It folds a
+// following eval BatchNorm, ReLU and the undoing of value equalisation into the store, so the network does not
+// read and write the activation three more times. Null a / b mean 1 / 0.
+struct OutputEpilogue {
+  const float* scale = nullptr;  // (C,)
+  const float* shift = nullptr;  // (C,)
+  bool relu = false;
+};
+
+// INT8. q, k, v: channels-last uint8; rel: contiguous (K, C) float; out: channels-last (B, D, H, W, C) float, the
+// layout the next layer's quantized 1x1 projections read (an NC[D]HW output cost a repack per layer).
 void local_attention_int8(const QuantizedOperand& q, const QuantizedOperand& k, const QuantizedOperand& v,
-                          const float* rel, float* out, const AttentionGeometry& geo, bool allow_simd);
+                          const float* rel, float* out, const AttentionGeometry& geo, const OutputEpilogue& epilogue,
+                          bool allow_simd);
 
 // Which implementation allow_simd=true selects on this build ("avx512" or "portable").
 const char* fp32_implementation();

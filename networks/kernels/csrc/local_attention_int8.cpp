@@ -1,7 +1,8 @@
 // Copyright MedAttnSlicer contributors. Apache-2.0.
 //
 // INT8 fused local self-attention on per-tensor affine uint8 q, k, v in channels-last layout (B, D, H, W, C), the
-// layout FBGEMM's quantized convolutions produce. Output float32 (B, C, D, H, W).
+// layout FBGEMM's quantized convolutions produce. Output float32, channels-last (B, D, H, W, C) too, with an optional
+// per-channel affine + ReLU epilogue (a folded BatchNorm -> ReLU).
 //
 // Arithmetic (real value of a raw byte u with scale s and zero point z is s * (u - z)):
 //  * q . k in integers: sum_c (q - zq)(k - zk) = dot + (128 - zk) SQ - zq SK + Ch zq zk, where
@@ -15,6 +16,8 @@
 //  * weighted value sum in integers: vpdpbusd of the u8 weights of four horizontally adjacent taps with the values
 //    v - 128 of those taps (s8). The values of a row are kept planar ([channel][pixel] bytes, padded with zv, the
 //    real 0) and one byte permutation (vpermb) turns 64 loaded bytes into 16 dwords holding pixels x .. x + 3.
+//  * epilogue in float: y = a_c * attention + b_c (then ReLU); blocks of 16 channels x 16 pixels are transposed in
+//    registers and stored as 16 channels-last pixels (narrower blocks scatter).
 //
 // Work unit: an image row (b, z, y) in tiles of 16 pixels. Each thread owns a contiguous range of rows and caches
 // the repacked key / value rows of the window (keys: [channel group][pixel] dwords of 4 channels, padded by r
@@ -49,16 +52,23 @@ struct Int8Plan {
   std::vector<float> rel_scale;      // K: real rel = rel_scale[n] * rel16
   std::vector<int32_t> rel_hi, rel_lo;  // K x groups: 4 signed bytes per dword (channel padding 0)
   std::vector<float> rel_sum;        // K x heads: sum of rel16 over the head's channels
+  std::vector<float> out_scale, out_shift;  // C: the epilogue (1 / 0 when absent)
+  bool relu = false;
 };
 
 Int8Plan make_plan(const QuantizedOperand& q, const QuantizedOperand& k, const QuantizedOperand& v,
-                   const float* rel, const AttentionGeometry& g) {
+                   const float* rel, const AttentionGeometry& g, const OutputEpilogue& epilogue) {
   Int8Plan plan;
   plan.g = g;
   plan.q = q;
   plan.k = k;
   plan.v = v;
   const int64_t C = g.channels, K = g.neighbours(), Ch = g.head_channels();
+  plan.out_scale.assign(C, 1.f);
+  plan.out_shift.assign(C, 0.f);
+  if (epilogue.scale) std::copy(epilogue.scale, epilogue.scale + C, plan.out_scale.begin());
+  if (epilogue.shift) std::copy(epilogue.shift, epilogue.shift + C, plan.out_shift.begin());
+  plan.relu = epilogue.relu;
   plan.head_groups = (Ch + 3) / 4;
   plan.groups = g.heads * plan.head_groups;
   plan.rel16.assign(K * C, 0);
@@ -140,7 +150,8 @@ void int8_portable_rows(const Int8Plan& plan, float* out, int64_t row_begin, int
           for (int64_t n = 0; n < K; ++n) {
             if (vn[n]) acc += static_cast<int64_t>(weights[n]) * (vn[n][c] - zv);
           }
-          out[(b * C + c) * P + (z * H + y) * W + x] = static_cast<float>(acc) * norm;
+          const float value = plan.out_scale[c] * (static_cast<float>(acc) * norm) + plan.out_shift[c];
+          out[(b * P + (z * H + y) * W + x) * C + c] = plan.relu ? std::max(value, 0.f) : value;
         }
       }
     }
@@ -462,8 +473,10 @@ class Int8RowWorker {
     return _mm512_div_ps(_mm512_set1_ps(p_.v.scale), _mm512_cvtepi32_ps(sum));
   }
 
+  // Channels c .. c + CB - 1 of the 16-pixel tile at x0: integer weighted value sums, the float epilogue, and a
+  // channels-last store to outp (pixel x0, channel c). CB = 16 transposes in registers, narrower blocks scatter.
   template <int CB>
-  void output_block(int64_t c, int64_t x0, __m512 norm, __m512 offset, float* outp, __mmask16 qmask) {
+  void output_block(int64_t c, int64_t x0, __m512 norm, __m512 offset, float* outp, __mmask16 qmask, int64_t npx) {
     __m512i acc[CB];
 #pragma GCC unroll 16
     for (int j = 0; j < CB; ++j) acc[j] = _mm512_setzero_si512();
@@ -477,10 +490,24 @@ class Int8RowWorker {
               acc[j], w, _mm512_permutexvar_epi8(idx_expand_, _mm512_loadu_si512(base + j * Wpl_ + 4 * t)));
       }
     }
-    const int64_t plane = g_.pixels();
+    const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 16
-    for (int j = 0; j < CB; ++j)
-      _mm512_mask_storeu_ps(outp + j * plane, qmask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), norm, offset));
+    for (int j = 0; j < CB; ++j) {
+      __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), norm, offset);
+      y = _mm512_fmadd_ps(y, _mm512_set1_ps(p_.out_scale[c + j]), _mm512_set1_ps(p_.out_shift[c + j]));
+      if (p_.relu) y = _mm512_max_ps(y, zero);
+      acc[j] = _mm512_castps_si512(y);
+    }
+    const int64_t C = g_.channels;
+    if constexpr (CB == 16) {
+      transpose16x16_epi32(acc);  // acc[i] = channels c .. c + 15 of pixel x0 + i
+      for (int64_t i = 0; i < npx; ++i) _mm512_storeu_si512(outp + i * C, acc[i]);
+    } else {
+      const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int32_t>(C)));
+#pragma GCC unroll 16
+      for (int j = 0; j < CB; ++j) _mm512_mask_i32scatter_ps(outp + j, qmask, index, _mm512_castsi512_ps(acc[j]), 4);
+    }
   }
 
   void process_row(int64_t b, int64_t z, int64_t y) {
@@ -506,18 +533,23 @@ class Int8RowWorker {
         const __m512i sq = _mm512_loadu_si512(sq_.data() + h * Wt_ + x0);
         logits_all(q4_.data() + h * Gh_ * Wt_ + x0, h, sq);
         const __m512 norm = softmax_weights();
-        float* outp = out_ + (b * g_.channels + h * Ch_) * P + (z * g_.height + y) * W + x0;
+        const int64_t npx = std::min<int64_t>(kLanes, W - x0);
+        float* outp = out_ + (b * P + (z * g_.height + y) * W + x0) * g_.channels + h * Ch_;
         int64_t c = 0;
-        for (; c + 8 <= Ch_; c += 8) output_block<8>(h * Ch_ + c, x0, norm, offset, outp + c * P, qmask);
+        for (; c + 16 <= Ch_; c += 16) output_block<16>(h * Ch_ + c, x0, norm, offset, outp + c, qmask, npx);
+        if (c + 8 <= Ch_) {
+          output_block<8>(h * Ch_ + c, x0, norm, offset, outp + c, qmask, npx);
+          c += 8;
+        }
         if (c + 4 <= Ch_) {
-          output_block<4>(h * Ch_ + c, x0, norm, offset, outp + c * P, qmask);
+          output_block<4>(h * Ch_ + c, x0, norm, offset, outp + c, qmask, npx);
           c += 4;
         }
         if (c + 2 <= Ch_) {
-          output_block<2>(h * Ch_ + c, x0, norm, offset, outp + c * P, qmask);
+          output_block<2>(h * Ch_ + c, x0, norm, offset, outp + c, qmask, npx);
           c += 2;
         }
-        if (c < Ch_) output_block<1>(h * Ch_ + c, x0, norm, offset, outp + c * P, qmask);
+        if (c < Ch_) output_block<1>(h * Ch_ + c, x0, norm, offset, outp + c, qmask, npx);
       }
     }
   }
@@ -559,9 +591,10 @@ const char* int8_implementation() {
 }
 
 void local_attention_int8(const QuantizedOperand& q, const QuantizedOperand& k, const QuantizedOperand& v,
-                          const float* rel, float* out, const AttentionGeometry& geo, bool allow_simd) {
+                          const float* rel, float* out, const AttentionGeometry& geo, const OutputEpilogue& epilogue,
+                          bool allow_simd) {
   (void)allow_simd;  // unused when this build has no AVX-512 VNNI path
-  const Int8Plan plan = make_plan(q, k, v, rel, geo);
+  const Int8Plan plan = make_plan(q, k, v, rel, geo, epilogue);
   at::parallel_for(0, geo.image_rows(), 1, [&](int64_t begin, int64_t end) {
 #if defined(MEDATTN_INT8_AVX512)
     if (allow_simd) {

@@ -6,9 +6,13 @@
 //
 //   medattn::local_attention(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor
 //       float32 q, k, v (B, C, *spatial), 2 or 3 spatial dims; rel (K, C) float32; output float32, contiguous.
-//   medattn::local_attention_int8(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor
+//   medattn::local_attention_int8(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads,
+//                                 Tensor? out_scale=None, Tensor? out_shift=None, bool relu=False) -> Tensor
 //       q, k, v quint8 per-tensor affine (any memory format; channels-last, as FBGEMM convs produce, is read
-//       without a copy); rel float32; output float32 (B, C, *spatial), contiguous.
+//       without a copy); rel float32; output float32 (B, C, *spatial) in channels-last memory format (what the next
+//       quantized projection reads), = relu?(out_scale[c] * attention + out_shift[c]) with the optional
+//       per-channel epilogue (float32 (C,)). The three trailing arguments have defaults, so TorchScript files saved
+//       with the six-argument form still load and run.
 //   medattn::_local_attention_portable / _local_attention_int8_portable: the same maths through the plain C++
 //       path (used on machines without AVX-512 VNNI), exposed for cross-checking.
 //   medattn::implementations() -> str[]: ["fp32=<avx512|portable>", "int8=<avx512_vnni|portable>"].
@@ -18,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,8 +41,8 @@ constexpr int64_t kMaxInt8HeadChannels = 8192;
 // as much as the attention itself (~1 us per page); asking for transparent huge pages on the untouched buffer
 // makes that 2-3 times cheaper (the same as torch's THP_MEM_ALLOC_ENABLE, but for this buffer only). No-op where
 // THP is off.
-at::Tensor new_output(at::IntArrayRef sizes) {
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
+at::Tensor new_output(at::IntArrayRef sizes, at::MemoryFormat layout = at::MemoryFormat::Contiguous) {
+  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(at::kFloat), layout);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
@@ -114,8 +119,20 @@ QuantizedOperand quantized_operand(const at::Tensor& t) {
   return o;
 }
 
+// A per-channel epilogue operand: float32 (C,), contiguous copy.
+at::Tensor epilogue_operand(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t channels) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(!t->is_quantized() && t->scalar_type() == at::kFloat, "medattn::", op, ": ", name,
+              " must be a float32 tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == channels, "medattn::", op, ": ", name, " must hold one value per channel (", channels,
+              "), got shape ", t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), "medattn::", op, ": ", name, " must be a CPU tensor");
+  return t->reshape({channels}).contiguous();
+}
+
 at::Tensor int8_op(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& rel, int64_t kernel_size, int64_t heads, bool allow_simd) {
+                   const at::Tensor& rel, int64_t kernel_size, int64_t heads, const std::optional<at::Tensor>& out_scale,
+                   const std::optional<at::Tensor>& out_shift, bool relu, bool allow_simd) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->is_quantized() && t->scalar_type() == at::kQUInt8, "medattn::", op,
                 ": q, k and v must be quint8 quantized tensors (e.g. FBGEMM/x86 quantized conv outputs), got ",
@@ -128,15 +145,29 @@ at::Tensor int8_op(const char* op, const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(g.head_channels() <= kMaxInt8HeadChannels, "medattn::", op, ": at most ", kMaxInt8HeadChannels,
               " channels per head are supported (int32 accumulation), got ", g.head_channels());
   check_no_grad(op, q, k, v, rel);
-  if (kernel_size == 1) return v.dequantize().contiguous();  // softmax over one neighbour is 1: y = v
+  const at::Tensor scale = epilogue_operand(op, "out_scale", out_scale, g.channels);
+  const at::Tensor shift = epilogue_operand(op, "out_shift", out_shift, g.channels);
   // Channels-last is the layout FBGEMM's quantized convolutions produce: then this is a no-op.
   const auto layout = g.volumetric ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  if (kernel_size == 1) {  // softmax over one neighbour is 1: y = v
+    at::Tensor y = v.dequantize();
+    std::vector<int64_t> channel_shape(q.dim(), 1);
+    channel_shape[1] = g.channels;
+    if (scale.defined()) y = y * scale.view(channel_shape);
+    if (shift.defined()) y = y + shift.view(channel_shape);
+    if (relu) y = at::relu(y);
+    return y.contiguous(layout);
+  }
   const at::Tensor qc = q.contiguous(layout), kc = k.contiguous(layout), vc = v.contiguous(layout);
   const at::Tensor relc = rel.contiguous();
-  at::Tensor out = new_output(q.sizes());
+  at::Tensor out = new_output(q.sizes(), layout);
   if (out.numel() == 0) return out;
+  OutputEpilogue epilogue;
+  epilogue.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  epilogue.shift = shift.defined() ? shift.data_ptr<float>() : nullptr;
+  epilogue.relu = relu;
   local_attention_int8(quantized_operand(qc), quantized_operand(kc), quantized_operand(vc), relc.data_ptr<float>(),
-                       out.data_ptr<float>(), g, allow_simd);
+                       out.data_ptr<float>(), g, epilogue, allow_simd);
   return out;
 }
 
@@ -151,13 +182,18 @@ at::Tensor local_attention_portable(const at::Tensor& q, const at::Tensor& k, co
 }
 
 at::Tensor local_attention_int8_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& rel, int64_t kernel_size, int64_t heads) {
-  return int8_op("local_attention_int8", q, k, v, rel, kernel_size, heads, true);
+                                   const at::Tensor& rel, int64_t kernel_size, int64_t heads,
+                                   const std::optional<at::Tensor>& out_scale,
+                                   const std::optional<at::Tensor>& out_shift, bool relu) {
+  return int8_op("local_attention_int8", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu, true);
 }
 
 at::Tensor local_attention_int8_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& rel, int64_t kernel_size, int64_t heads) {
-  return int8_op("_local_attention_int8_portable", q, k, v, rel, kernel_size, heads, false);
+                                         const at::Tensor& rel, int64_t kernel_size, int64_t heads,
+                                         const std::optional<at::Tensor>& out_scale,
+                                         const std::optional<at::Tensor>& out_shift, bool relu) {
+  return int8_op("_local_attention_int8_portable", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu,
+                 false);
 }
 
 std::vector<std::string> implementations() {
@@ -172,13 +208,15 @@ std::vector<std::string> implementations() {
 TORCH_LIBRARY(medattn, m) {
   m.def("local_attention(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor",
         &medattn::local_attention);
-  m.def("local_attention_int8(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor",
-        &medattn::local_attention_int8_op);
+  m.def(
+      "local_attention_int8(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, "
+      "Tensor? out_scale=None, Tensor? out_shift=None, bool relu=False) -> Tensor",
+      &medattn::local_attention_int8_op);
   m.def("_local_attention_portable(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor",
         &medattn::local_attention_portable);
   m.def(
-      "_local_attention_int8_portable(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> "
-      "Tensor",
+      "_local_attention_int8_portable(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, "
+      "Tensor? out_scale=None, Tensor? out_shift=None, bool relu=False) -> Tensor",
       &medattn::local_attention_int8_portable);
   m.def("implementations() -> str[]", &medattn::implementations);
 }
