@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from networks.atomic_file import atomic_path
+
 __all__ = [
     "ENERGY_PJ",
     "MacRule",
@@ -342,17 +344,9 @@ def model_card(
 def save_model_cards(cards: Sequence[dict[str, Any]] | dict[str, Any], json_path: str | os.PathLike) -> Path:
     """Write the cards as indented JSON (atomically). A single card or a list of cards."""
     path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(cards, indent=2, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text + "\n")
     return path
 
 
@@ -428,16 +422,9 @@ def radar_chart(
     ax.set_title(title or "Model cards (normalised per axis, " + ("log" if scale == "log" else "linear") + " scale)")
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=7)
     path = Path(png_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:  # savefig picks the format from the extension
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from networks.atomic_file import atomic_path
 from networks.quantization.quantize import quantized_engine
 from networks.quantization.tracing import traceable_copy
 
@@ -174,18 +174,8 @@ def _custom_ops(graph_module: torch.jit.ScriptModule) -> list[str]:
 
 
 def _atomic_jit_save(module: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.jit.save(module, tmp, _extra_files={_META_NAME: json.dumps(meta)})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
