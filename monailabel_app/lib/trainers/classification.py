@@ -59,6 +59,9 @@ class ClassificationTrain(SegmentationTrain):
 
     VAL_METRIC = "val_f1"
     TRAIN_METRIC = "train_f1"
+    BEST_METRIC_KEY = "best_val_f1"
+    # the bundled classifiers were trained from the default initialisation
+    SOFTEN_RANDOM_ATTENTION = False
 
     def __init__(
         self, spec: ModelSpec, files: ModelFiles, app_labels: dict[str, int], cache: NetworkCache | None = None
@@ -100,18 +103,9 @@ class ClassificationTrain(SegmentationTrain):
     def train_post_transforms(self, context: Context):
         return [Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)]
 
-    def network(self, context: Context):
-        from monailabel_app.lib.trainers.common import initial_network
-
-        model, factory_name, factory_kwargs, start_meta = initial_network(
-            self.spec,
-            self.files,
-            num_outputs=len(self.app_labels),
-            class_names=self.class_names(),
-            pretrained=bool(context.request.get("pretrained", True)),
-        )
-        context.factory = (factory_name, factory_kwargs, start_meta)
-        return model
+    def num_outputs(self) -> int:
+        """One logit per class (multi-label presence, no background)."""
+        return len(self.app_labels)
 
     def loss_function(self, context: Context):
         return torch.nn.BCEWithLogitsLoss()
@@ -140,43 +134,9 @@ class ClassificationTrain(SegmentationTrain):
         super().finalize(context)
         context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
 
-    def publish(self, context: Context, datalist, stats: dict[str, Any]) -> dict[str, Any]:
-        import os
-
-        from monailabel_app.lib.trainers.common import calibration_slices, publish_trained
-
-        network = context.network
-        best = os.path.join(context.output_dir, self._key_metric_filename)
-        if context.evaluator is not None and os.path.exists(best):
-            state = torch.load(best, map_location="cpu", weights_only=True)
-            network.load_state_dict(state.get(self._model_dict_key, state))
-        prep = self._prep(context)
-        factory_name, factory_kwargs, start_meta = context.factory
-        calibration, used = calibration_slices(
-            datalist,
-            prep,
-            list(self.app_labels.values()),
-            n_slices=int(context.request.get("calibration_slices", 32)),
-            seed=int(context.request.get("seed", 0)),
-        )
-        app_meta = {
-            "family": self.spec.family,
-            "task": self.spec.task,
+    def task_metadata(self) -> dict[str, Any]:
+        return {
             "classes": self.class_names(),
             "targets": "per-slice organ presence derived from the label maps (>= 5 voxels of the organ in the slice)",
-            "datastore_label_values": dict(self.app_labels),
-            "preprocess": prep.to_dict(),
             "spatial_dims": 2,
-            "trained": {
-                "run_id": context.run_id,
-                "epochs": stats.get("epoch"),
-                "best_val_f1": stats.get("best_metric"),
-                "train_images": [os.path.basename(d["image"]) for d in context.train_datalist],
-                "val_images": [os.path.basename(d["image"]) for d in context.val_datalist],
-                "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
-            },
-            "calibration": {"slices": sum(len(b) for b in calibration), "images": [os.path.basename(p) for p in used]},
         }
-        return publish_trained(
-            self.spec, self.files, network, factory_name, factory_kwargs, app_meta, calibration, context.run_id
-        )

@@ -72,6 +72,11 @@ class SegmentationTrain(BasicTrainTask):
         cache: the app's network cache (unused in the training subprocess; kept for symmetry with infer tasks).
     """
 
+    # key of the best validation metric in the published checkpoint's "trained" metadata
+    BEST_METRIC_KEY = "best_val_dice"
+    # scale the query projections of a network started from random weights by ``query_init_scale``
+    SOFTEN_RANDOM_ATTENTION = True
+
     def __init__(
         self, spec: ModelSpec, files: ModelFiles, app_labels: dict[str, int], cache: NetworkCache | None = None
     ) -> None:
@@ -213,16 +218,21 @@ class SegmentationTrain(BasicTrainTask):
         ]
 
     # ----- network, loss, inferers -----
+    def num_outputs(self) -> int:
+        """Network output channels: background + one per label."""
+        return len(self.app_labels) + 1
+
     def network(self, context: Context):
         model, factory_name, factory_kwargs, start_meta = initial_network(
             self.spec,
             self.files,
-            num_outputs=len(self.app_labels) + 1,
+            num_outputs=self.num_outputs(),
             class_names=self.class_names(),
             pretrained=bool(context.request.get("pretrained", True)),
         )
         context.factory = (factory_name, factory_kwargs, start_meta)
-        if not start_meta:  # random weights: soften the initial attention (no effect on nets without SASA layers)
+        if not start_meta and self.SOFTEN_RANDOM_ATTENTION:
+            # random weights: soften the initial attention (no effect on nets without SASA layers)
             from networks.blocks import scale_query_init
 
             scale_query_init(model, float(context.request.get("query_init_scale", 0.1)))
@@ -317,7 +327,6 @@ class SegmentationTrain(BasicTrainTask):
             network.load_state_dict(state.get(self._model_dict_key, state))
         prep = self._prep(context)
         factory_name, factory_kwargs, start_meta = context.factory
-        labels = {name: i + 1 for i, name in enumerate(self.app_labels)}
         calibration, used = calibration_slices(
             datalist,
             prep,
@@ -328,14 +337,13 @@ class SegmentationTrain(BasicTrainTask):
         app_meta = {
             "family": self.spec.family,
             "task": self.spec.task,
-            "labels": labels,
+            **self.task_metadata(),
             "datastore_label_values": dict(self.app_labels),
             "preprocess": prep.to_dict(),
-            "spatial_dims": self.spec.spatial_dims,
             "trained": {
                 "run_id": context.run_id,
                 "epochs": stats.get("epoch"),
-                "best_val_dice": stats.get("best_metric"),
+                self.BEST_METRIC_KEY: stats.get("best_metric"),
                 "train_images": [os.path.basename(d["image"]) for d in context.train_datalist],
                 "val_images": [os.path.basename(d["image"]) for d in context.val_datalist],
                 "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
@@ -345,3 +353,10 @@ class SegmentationTrain(BasicTrainTask):
         return publish_trained(
             self.spec, self.files, network, factory_name, factory_kwargs, app_meta, calibration, context.run_id
         )
+
+    def task_metadata(self) -> dict[str, Any]:
+        """What the published checkpoint records about its task: the network's label values and dimensionality."""
+        return {
+            "labels": {name: i + 1 for i, name in enumerate(self.app_labels)},
+            "spatial_dims": self.spec.spatial_dims,
+        }
