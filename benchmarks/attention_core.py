@@ -1,8 +1,11 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Side-by-side timing of the local self-attention cores: pure PyTorch vs fused FP32 vs fused INT8 (C++ kernels).
+"""Side-by-side timing of the local self-attention cores: pure PyTorch vs fused FP32 vs fused INT8 (C++ kernels),
+the fused cores once per code path (ISA).
 
-Run ``python -m benchmarks.attention_core`` (``--repeats N``, ``--quick`` for small shapes). Every configuration times
-the three cores in the same process, interleaved round-robin so that load from other processes hits them alike,
+Run ``python -m benchmarks.attention_core`` (``--repeats N``, ``--quick`` for small shapes, ``--isa avx2,portable``:
+the code paths to time, default every one this CPU has; each runs through ``torch.ops.medattn._local_attention_isa``
+/ ``_local_attention_int8_isa``). Every configuration times the pure-PyTorch core (FP32 eager) and the FP32 and
+INT8 cores of every ISA in the same process, interleaved round-robin so that load from other processes hits them alike,
 with ``torch.set_num_threads(2)`` under ``torch.inference_mode()``, and reports medians of wall time. Each
 configuration is timed again with one thread as a control: on a loaded machine every OpenMP parallel region can
 wait for a descheduled second thread (milliseconds), which distorts short calls and the many small ops of the
@@ -26,13 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from networks.blocks.local_self_attention import local_attention_torch
-from networks.kernels import (
-    kernel_implementations,
-    last_build_seconds,
-    load_kernels,
-    local_attention_fused,
-    local_attention_fused_int8,
-)
+from networks.kernels import kernel_implementations, load_kernels, local_attention_fused
 
 # name, batch, channels, spatial size, kernel_size, heads
 CONFIGS = [
@@ -101,48 +98,65 @@ def time_round_robin(functions: dict[str, Callable[[], torch.Tensor]], repeats: 
     return times
 
 
-def timing_summary(times: dict[str, list[float]]) -> dict:
+def timing_summary(times: dict[str, list[float]], isas: list[str], selected: str) -> dict:
     medians = {key: statistics.median(values) for key, values in times.items()}
-    return {
+    torch_core = medians["torch_core"]
+    summary = {
         "median_seconds": medians,
         "min_seconds": {key: min(values) for key, values in times.items()},
-        "speedup": {
-            "fused_fp32_vs_torch_core": medians["torch_core"] / medians["fused_fp32"],
-            "fused_int8_vs_torch_core": medians["torch_core"] / medians["fused_int8"],
-            "fused_int8_vs_fused_fp32": medians["fused_fp32"] / medians["fused_int8"],
+        # per ISA: time as a fraction of the pure-PyTorch FP32 eager core, and INT8 time / FP32 time of that ISA
+        "isa": {
+            isa: {
+                "fp32_time_vs_torch_core": medians[f"fp32_{isa}"] / torch_core,
+                "int8_time_vs_torch_core": medians[f"int8_{isa}"] / torch_core,
+                "int8_time_vs_fp32": medians[f"int8_{isa}"] / medians[f"fp32_{isa}"],
+            }
+            for isa in isas
         },
     }
+    if selected in isas:  # the public ops run this path (the speedups earlier versions of this report had)
+        summary["speedup"] = {
+            "fused_fp32_vs_torch_core": torch_core / medians[f"fp32_{selected}"],
+            "fused_int8_vs_torch_core": torch_core / medians[f"int8_{selected}"],
+            "fused_int8_vs_fused_fp32": medians[f"fp32_{selected}"] / medians[f"int8_{selected}"],
+        }
+    return summary
 
 
-def run_config(name, batch, channels, spatial, kernel_size, heads, repeats, threads) -> dict:
+def run_config(name, batch, channels, spatial, kernel_size, heads, repeats, threads, isas, selected) -> dict:
     q, k, v, rel = make_inputs(batch, channels, spatial, kernel_size)
     qq, kq, vq = (quantize_min_max(t) for t in (q, k, v))
-    functions = {
-        "torch_core": lambda: local_attention_torch(q, k, v, rel, kernel_size, heads),
-        "fused_fp32": lambda: local_attention_fused(q, k, v, rel, kernel_size, heads),
-        "fused_int8": lambda: local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads),
+    functions: dict[str, Callable[[], torch.Tensor]] = {
+        "torch_core": lambda: local_attention_torch(q, k, v, rel, kernel_size, heads)
     }
+    for isa in isas:
+        functions[f"fp32_{isa}"] = lambda isa=isa: torch.ops.medattn._local_attention_isa(q, k, v, rel, kernel_size,
+                                                                                           heads, isa)
+        functions[f"int8_{isa}"] = lambda isa=isa: torch.ops.medattn._local_attention_int8_isa(
+            qq, kq, vq, rel, kernel_size, heads, None, None, False, isa
+        )
     result = {"name": name, "shape": [batch, channels, *spatial], "kernel_size": kernel_size, "heads": heads,
-              "repeats": repeats}
+              "repeats": repeats, "isas": isas}
     for count in threads:
         torch.set_num_threads(count)
-        result[f"threads_{count}"] = timing_summary(time_round_robin(functions, repeats))
+        result[f"threads_{count}"] = timing_summary(time_round_robin(functions, repeats), isas, selected)
     torch.set_num_threads(threads[0])
 
     reference = functions["torch_core"]()
-    fused = functions["fused_fp32"]()
-    int8 = functions["fused_int8"]()
     on_dequantized = local_attention_fused(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
     output_scale = reference.abs().max().item()
-    result["agreement"] = {
-        "output_scale": output_scale,
-        "fp32_vs_torch_max_abs": (fused - reference).abs().max().item(),
-        # the INT8 kernel's own approximations (16-bit rel, 8-bit softmax weights) on identical inputs
-        "int8_vs_fp32_same_dequantized_inputs_max_rel": (int8 - on_dequantized).abs().max().item() / output_scale,
-        # end to end, including the 8-bit quantization of q, k and v
-        "int8_vs_fp32_max_rel": (int8 - fused).abs().max().item() / output_scale,
-        "int8_vs_fp32_rms_rel": (int8 - fused).pow(2).mean().sqrt().item() / output_scale,
-    }
+    result["agreement"] = {"output_scale": output_scale}
+    for isa in isas:
+        fused = functions[f"fp32_{isa}"]()
+        int8 = functions[f"int8_{isa}"]()
+        result["agreement"][isa] = {
+            "fp32_vs_torch_max_abs": (fused - reference).abs().max().item(),
+            # the INT8 kernel's own approximations (16-bit rel, 8-bit softmax weights) on identical inputs
+            "int8_vs_fp32_same_dequantized_inputs_max_rel": (int8 - on_dequantized).abs().max().item() / output_scale,
+            # end to end, including the 8-bit quantization of q, k and v
+            "int8_vs_fp32_max_rel": (int8 - fused).abs().max().item() / output_scale,
+            "int8_vs_fp32_rms_rel": (int8 - fused).pow(2).mean().sqrt().item() / output_scale,
+        }
     return result
 
 
@@ -151,6 +165,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per core, configuration and thread count")
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run of the script)")
     parser.add_argument("--no-single-thread", action="store_true", help="skip the one-thread control timings")
+    parser.add_argument("--isa", default="", help="comma list of code paths to time (avx512_vnni, avx2, portable); "
+                        "default: every one this CPU has")
+    parser.add_argument("--config", default="", help="comma list of configuration names to run (default: all)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -158,35 +175,52 @@ def main() -> None:
     threads = [2] if args.no_single_thread else [2, 1]
     torch.set_num_threads(2)
     load_kernels()
+    implementations = kernel_implementations()
+    available = list(implementations["available_isas"])
+    isas = [isa.strip() for isa in args.isa.split(",") if isa.strip()] or available
+    unknown = [isa for isa in isas if isa not in available]
+    if unknown:
+        parser.error(f"--isa {','.join(unknown)}: not available on this CPU (available: {', '.join(available)})")
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.config:
+        wanted = args.config.split(",")
+        configs = [config for config in configs if config[0] in wanted]
+        if not configs:
+            parser.error(f"--config {args.config}: no such configuration")
     report = {
         "benchmark": "attention_core",
         "torch": torch.__version__,
         "threads": threads,
-        "kernel_implementations": kernel_implementations(),
-        "kernel_build_seconds_this_run": last_build_seconds(),
+        "kernel_implementations": implementations,
+        "isas": isas,
         "loadavg_start": list(os.getloadavg()),
         "configs": [],
     }
     with torch.inference_mode():
-        for config in QUICK_CONFIGS if args.quick else CONFIGS:
-            result = run_config(*config, repeats=args.repeats, threads=threads)
+        for config in configs:
+            result = run_config(*config, repeats=args.repeats, threads=threads, isas=isas,
+                                selected=str(implementations["selected_isa"]))
             report["configs"].append(result)
             for count in threads:
-                m, s = result[f"threads_{count}"]["median_seconds"], result[f"threads_{count}"]["speedup"]
+                m, per_isa = result[f"threads_{count}"]["median_seconds"], result[f"threads_{count}"]["isa"]
+                print(f"{result['name']:>12} {str(result['shape']):>20} {count} thr: torch core (fp32 eager) "
+                      f"{m['torch_core'] * 1e3:7.1f} ms", flush=True)
+                for isa in isas:
+                    r = per_isa[isa]
+                    print(
+                        f"{'':>12} {isa:>12}: fp32 {m[f'fp32_{isa}'] * 1e3:7.1f} ms ({r['fp32_time_vs_torch_core']:5.2f}x "
+                        f"torch) | int8 {m[f'int8_{isa}'] * 1e3:7.1f} ms ({r['int8_time_vs_torch_core']:5.2f}x torch, "
+                        f"{r['int8_time_vs_fp32']:4.2f}x fp32)",
+                        flush=True,
+                    )
+            for isa in isas:
+                agreement = result["agreement"][isa]
                 print(
-                    f"{result['name']:>12} {str(result['shape']):>20} {count} thr: torch {m['torch_core'] * 1e3:7.1f} ms"
-                    f" | fused fp32 {m['fused_fp32'] * 1e3:6.1f} ms ({s['fused_fp32_vs_torch_core']:4.1f}x) | fused "
-                    f"int8 {m['fused_int8'] * 1e3:6.1f} ms ({s['fused_int8_vs_torch_core']:4.1f}x, "
-                    f"{s['fused_int8_vs_fused_fp32']:4.2f}x fp32)",
+                    f"{'':>12} {isa:>12}: int8 vs fp32 kernel: max {agreement['int8_vs_fp32_max_rel']:.4f}, rms "
+                    f"{agreement['int8_vs_fp32_rms_rel']:.5f} of the output scale (same dequantized inputs: max "
+                    f"{agreement['int8_vs_fp32_same_dequantized_inputs_max_rel']:.4f})",
                     flush=True,
                 )
-            agreement = result["agreement"]
-            print(
-                f"{'':>12} int8 vs fp32 kernel: max {agreement['int8_vs_fp32_max_rel']:.4f}, rms "
-                f"{agreement['int8_vs_fp32_rms_rel']:.5f} of the output scale (same dequantized inputs: max "
-                f"{agreement['int8_vs_fp32_same_dequantized_inputs_max_rel']:.4f})",
-                flush=True,
-            )
     report["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(report))
 

@@ -1,8 +1,10 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Fused C++ local-attention cores (torch.ops.medattn): exactness, INT8 agreement, errors, TorchScript, build lock.
+"""Fused C++ local-attention cores (torch.ops.medattn): exactness of every code path this CPU can run (portable,
+AVX2, AVX-512 VNNI), run-time ISA selection and its MEDATTN_ISA override, INT8 agreement, errors, TorchScript, the
+set-up build and its lock, and (slow) the AVX2 path under qemu emulating a Haswell CPU, which has no AVX-512.
 
-The first test to need the kernels compiles them (about 40 s on 2 shared cores, once per machine: the library is
-cached under ~/.cache/medattn_kernels); later sessions load the cached library in well under a second.
+``make setup`` builds the library (python -m networks.kernels.build); the module fixture builds it too if it is
+missing (about 40 s on 2 shared cores, once per machine: it is cached under ~/.cache/medattn_kernels).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,8 +23,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import networks.kernels
 from networks.blocks.local_self_attention import local_attention_torch
 from networks.kernels import (
+    _library,
+    build_kernels,
     kernel_implementations,
     kernel_library_path,
     load_kernels,
@@ -31,10 +37,19 @@ from networks.kernels import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The code path this CPU should get, derived from /proc/cpuinfo independently of the library's CPUID check, and every
+# path it can run (each is tested against the references).
+ISA_ORDER = ("portable", "avx2", "avx512_vnni")
+EXPECTED_ISA = _library.cpu_isa_from_flags()
+CPU_ISAS = ISA_ORDER[: ISA_ORDER.index(EXPECTED_ISA) + 1]
+# what the public ops run in this process (MEDATTN_ISA may force a lower path, e.g. `make test-avx2`)
+SELECTED_ISA = EXPECTED_ISA if os.environ.get("MEDATTN_ISA", "") in ("", "native") else os.environ["MEDATTN_ISA"]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    """Build (first time on this machine) and load the op library once for the whole module."""
+    """Build the op library if set-up has not (first time on this machine) and load it once for the module."""
+    build_kernels()
     load_kernels()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: OpenMP hand-offs would dominate on a shared 2-core machine
@@ -105,6 +120,20 @@ def reference_attention_int8(q, k, v, rel, kernel_size, heads):
     return out.float()
 
 
+def fp32_isa(isa):
+    return lambda q, k, v, rel, kernel_size, heads: torch.ops.medattn._local_attention_isa(
+        q, k, v, rel, kernel_size, heads, isa
+    )
+
+
+def int8_isa(isa):
+    def run(q, k, v, rel, kernel_size, heads, out_scale=None, out_shift=None, relu=False):
+        return torch.ops.medattn._local_attention_int8_isa(q, k, v, rel, kernel_size, heads, out_scale, out_shift,
+                                                           relu, isa)
+
+    return run
+
+
 def random_inputs(shape, kernel_size, seed=0):
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=generator) for _ in range(3))
@@ -112,10 +141,11 @@ def random_inputs(shape, kernel_size, seed=0):
     return q, k, v, rel
 
 
-def quantize_min_max(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor affine quint8 with the scale and zero point of the tensor's range (always including 0)."""
+def quantize_min_max(x: torch.Tensor, quant_max: int = 255) -> torch.Tensor:
+    """Per-tensor affine quint8 with the scale and zero point of the tensor's range (always including 0), on the
+    integer range [0, quant_max]."""
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    scale = max(hi - lo, 1e-8) / 255
+    scale = max(hi - lo, 1e-8) / quant_max
     return torch.quantize_per_tensor(x, scale, int(round(-lo / scale)), torch.quint8)
 
 
@@ -144,28 +174,33 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("shape, kernel_size, heads", CASES)
-def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads):
+def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads, isa):
     q, k, v, rel = random_inputs(shape, kernel_size)
     expected = reference_attention(q, k, v, rel, kernel_size, heads)
-    fused = local_attention_fused(q, k, v, rel, kernel_size, heads)
-    portable = torch.ops.medattn._local_attention_portable(q, k, v, rel, kernel_size, heads)
-    torch_core = local_attention_torch(q, k, v, rel, kernel_size, heads)
-    assert fused.shape == shape and fused.dtype == torch.float32 and fused.is_contiguous()
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(portable, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused, torch_core, rtol=1e-5, atol=1e-5)
+    got = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
+    assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if isa == SELECTED_ISA:  # the public op runs the selected path
+        fused = local_attention_fused(q, k, v, rel, kernel_size, heads)
+        assert torch.equal(fused, got)
+        torch.testing.assert_close(fused, local_attention_torch(q, k, v, rel, kernel_size, heads), rtol=1e-5,
+                                   atol=1e-5)
 
 
-def test_fp32_kernel_on_larger_images_matches_torch_core():
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_fp32_kernel_on_larger_images_matches_torch_core(isa):
     # many tiles and rows, two threads (each owns a contiguous range of rows and its own row cache)
     for shape, kernel_size, heads in [((3, 24, 29, 70), 3, 2), ((2, 8, 6, 9, 35), 3, 1), ((1, 16, 20, 47), 7, 1)]:
+        if isa == "portable" and kernel_size == 7:
+            continue  # the per-pixel path is slow; its exactness is covered above
         q, k, v, rel = random_inputs(shape, kernel_size, seed=1)
         expected = local_attention_torch(q, k, v, rel, kernel_size, heads)
-        single = local_attention_fused(q, k, v, rel, kernel_size, heads)
+        single = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
         torch.set_num_threads(2)
         try:
-            threaded = local_attention_fused(q, k, v, rel, kernel_size, heads)
+            threaded = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
         finally:
             torch.set_num_threads(1)
         torch.testing.assert_close(single, expected, rtol=1e-5, atol=2e-5)
@@ -179,11 +214,14 @@ def test_fp32_kernel_reads_non_contiguous_inputs():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_kernel_reports_its_implementations():
+def test_selected_isa_is_the_one_the_cpu_flags_call_for():
+    """The library's CPUID choice agrees with /proc/cpuinfo: avx512_vnni + avx512vbmi + avx512bw -> avx512_vnni,
+    avx2 + fma -> avx2, else portable (unless MEDATTN_ISA forces a lower path)."""
     implementations = kernel_implementations()
-    assert set(implementations) == {"fp32", "int8"}
-    assert implementations["fp32"] in {"avx512", "portable"}
-    assert implementations["int8"] in {"avx512_vnni", "portable"}
+    assert implementations["cpu_best_isa"] == EXPECTED_ISA
+    assert implementations["available_isas"] == list(CPU_ISAS)
+    assert implementations["selected_isa"] == SELECTED_ISA
+    assert implementations["fp32"] == implementations["int8"] == SELECTED_ISA
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,13 +239,16 @@ INT8_CASES = [
 ]
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("shape, kernel_size, heads", INT8_CASES)
-def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads):
+def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads, isa):
     q, k, v, rel = random_inputs(shape, kernel_size, seed=2)
     qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q * 0.6 + 0.2, k * 0.8 - 0.1, v))
-    got = local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads)
-    portable = torch.ops.medattn._local_attention_int8_portable(qq, kq, vq, rel, kernel_size, heads)
+    got = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
+    portable = int8_isa("portable")(qq, kq, vq, rel, kernel_size, heads)
     expected = reference_attention_int8(qq, kq, vq, rel, kernel_size, heads)
+    if isa == SELECTED_ISA:  # the public op runs the selected path
+        assert torch.equal(local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads), got)
     # channels-last output: the layout the next layer's quantized projections read
     assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous(
         memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
@@ -246,7 +287,7 @@ def test_int8_kernel_epilogue_is_per_channel_affine_then_relu(shape, kernel_size
     scale = torch.randn(shape[1], generator=generator)
     shift = torch.randn(shape[1], generator=generator)
     view = (1, shape[1]) + (1,) * (len(shape) - 2)
-    for op in (torch.ops.medattn.local_attention_int8, torch.ops.medattn._local_attention_int8_portable):
+    for op in [torch.ops.medattn.local_attention_int8] + [int8_isa(isa) for isa in CPU_ISAS]:
         plain = op(qq, kq, vq, rel, kernel_size, heads)
         expected = torch.relu(plain * scale.view(view) + shift.view(view))
         fused = op(qq, kq, vq, rel, kernel_size, heads, scale, shift, True)
@@ -272,18 +313,23 @@ def test_int8_op_six_argument_form_of_older_artifacts_still_compiles():
     assert torch.equal(unit.core(qq, kq, vq, rel), local_attention_fused_int8(qq, kq, vq, rel, 3, 2))
 
 
-def test_int8_kernel_on_larger_images_with_two_threads():
-    q, k, v, rel = random_inputs((3, 32, 23, 70), 3, seed=4)
-    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
-    single = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
-    portable = torch.ops.medattn._local_attention_int8_portable(qq, kq, vq, rel, 3, 2)
-    torch.set_num_threads(2)
-    try:
-        threaded = local_attention_fused_int8(qq, kq, vq, rel, 3, 2)
-    finally:
-        torch.set_num_threads(1)
-    assert torch.equal(single, threaded)
-    torch.testing.assert_close(single, portable, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("isa", [isa for isa in CPU_ISAS if isa != "portable"])
+def test_int8_kernel_on_larger_images_with_two_threads(isa):
+    # many tiles, ragged tails, 64-channel rows (vector repacking) and a 600-channel head (AVX2: q . rel summed in
+    # chunks of 256 channels)
+    portable = int8_isa("portable")
+    for shape, kernel_size, heads, seed in [((3, 32, 23, 70), 3, 2, 4), ((1, 64, 9, 29), 5, 1, 5),
+                                            ((1, 600, 3, 11), 3, 1, 6), ((1, 34, 5, 23), 7, 2, 7)]:
+        q, k, v, rel = random_inputs(shape, kernel_size, seed=seed)
+        qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+        single = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
+        torch.set_num_threads(2)
+        try:
+            threaded = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
+        finally:
+            torch.set_num_threads(1)
+        assert torch.equal(single, threaded)
+        torch.testing.assert_close(single, portable(qq, kq, vq, rel, kernel_size, heads), rtol=1e-5, atol=1e-5)
 
 
 def smooth_features(batch: int, in_channels: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -300,7 +346,11 @@ def smooth_features(batch: int, in_channels: int, height: int, width: int, seed:
 
 
 def quantized_projection(features: torch.Tensor, out_channels: int, seed: int):
-    """A bias-free 1x1 conv in float and its FBGEMM/x86 quantized version (per-channel weights, min/max scales)."""
+    """A bias-free 1x1 conv in float and its FBGEMM/x86 quantized version (per-channel weights, min/max scales).
+
+    The conv's input is quantized to 7 bits ([0, 127], what MinMaxObserver(reduce_range=True) gives and what the
+    project's quantizer uses on every CPU): without VNNI, FBGEMM multiplies u8 activations by s8 weights with
+    vpmaddubsw, which saturates the sum of two products in int16, and full-range 8-bit inputs overflow it."""
     from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
     generator = torch.Generator().manual_seed(seed)
@@ -314,7 +364,7 @@ def quantized_projection(features: torch.Tensor, out_channels: int, seed: int):
     conv.set_weight_bias(qweight, None)
     reference = quantize_min_max(float_out)
     conv.scale, conv.zero_point = reference.q_scale(), reference.q_zero_point()
-    return float_out, conv(quantize_min_max(features))
+    return float_out, conv(quantize_min_max(features, quant_max=127))
 
 
 @pytest.mark.parametrize("channels, kernel_size, heads", [(32, 3, 1), (32, 3, 2), (16, 5, 1)])
@@ -447,37 +497,173 @@ def test_ops_are_recorded_by_script_and_trace_and_load_without_python_classes(tm
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# JIT build
+# ISA selection
+
+
+def test_isa_ops_refuse_unknown_and_unsupported_isas():
+    q, k, v, rel = random_inputs((1, 4, 5, 6), 3)
+    qq, kq, vq = (quantize_min_max(t) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match="unknown ISA 'sse9'"):
+        fp32_isa("sse9")(q, k, v, rel, 3, 1)
+    # names are matched like networks.isa does: blanks stripped, any case
+    assert torch.equal(fp32_isa(" Portable ")(q, k, v, rel, 3, 1), fp32_isa("portable")(q, k, v, rel, 3, 1))
+    missing = ISA_ORDER[len(CPU_ISAS):]
+    for isa in missing:  # never an illegal instruction: a clear error naming the ISA and the CPU's best
+        with pytest.raises(RuntimeError, match=f"{isa} code path was requested but this CPU lacks it.*{EXPECTED_ISA}"):
+            fp32_isa(isa)(q, k, v, rel, 3, 1)
+        with pytest.raises(RuntimeError, match=f"{isa} code path was requested but this CPU lacks it"):
+            int8_isa(isa)(qq, kq, vq, rel, 3, 1)
+
+
+_ISA_SCRIPT = """
+import json, sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    implementations = list(torch.ops.medattn.implementations())
+except RuntimeError as error:
+    print(json.dumps({"error": str(error)}))
+    sys.exit(0)
+data = torch.load(sys.argv[2], weights_only=False)
+q, k, v, rel = data["fp32"]
+qq, kq, vq = data["int8"]
+with torch.inference_mode():
+    fp32 = torch.ops.medattn.local_attention(q, k, v, rel, 3, 2)
+    int8 = torch.ops.medattn.local_attention_int8(qq, kq, vq, rel, 3, 2, data["scale"], data["shift"], True)
+torch.save({"fp32": fp32, "int8": int8}, sys.argv[3])
+print(json.dumps({"implementations": implementations}))
+"""
+
+
+def run_with_isa(isa: str, tmp_path: Path, data_file: Path) -> dict:
+    """A fresh interpreter (torch and the op library only) with MEDATTN_ISA=isa runs both public ops."""
+    out_file = tmp_path / f"out_{isa}.pt"
+    env = dict(os.environ, MEDATTN_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, kernel_library_path(), str(data_file), str(out_file)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if "error" not in report:
+        report.update(torch.load(out_file))
+    return report
+
+
+def test_medattn_isa_environment_variable_forces_a_lower_path(tmp_path):
+    q, k, v, rel = random_inputs((2, 32, 9, 21), 3, seed=11)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    scale, shift = torch.randn(32, generator=torch.Generator().manual_seed(12)), torch.linspace(-1, 1, 32)
+    data_file = tmp_path / "inputs.pt"
+    torch.save({"fp32": (q, k, v, rel), "int8": (qq, kq, vq), "scale": scale, "shift": shift}, data_file)
+    for isa in [isa for isa in ("avx2", "portable") if isa in CPU_ISAS]:
+        report = run_with_isa(isa, tmp_path, data_file)
+        assert f"selected_isa={isa}" in report["implementations"]
+        assert f"fp32={isa}" in report["implementations"] and f"int8={isa}" in report["implementations"]
+        assert f"cpu_best_isa={EXPECTED_ISA}" in report["implementations"]
+        # the same outputs as that path's test op in this process
+        assert torch.equal(report["fp32"], fp32_isa(isa)(q, k, v, rel, 3, 2))
+        assert torch.equal(report["int8"], int8_isa(isa)(qq, kq, vq, rel, 3, 2, scale, shift, True))
+        # and the same results as every other path, to float rounding
+        torch.testing.assert_close(report["fp32"], local_attention_fused(q, k, v, rel, 3, 2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(report["int8"], local_attention_fused_int8(qq, kq, vq, rel, 3, 2, scale, shift,
+                                                                              True), rtol=1e-5, atol=1e-5)
+
+
+def test_medattn_isa_naming_a_path_the_cpu_lacks_raises_a_clear_error(tmp_path):
+    missing = ISA_ORDER[len(CPU_ISAS):]
+    if not missing:
+        pytest.skip(f"this CPU runs the highest code path ({EXPECTED_ISA}): no ISA it lacks can be requested here; "
+                    "the test runs on AVX2-only and older machines")
+    for isa in missing:
+        report = run_with_isa(isa, tmp_path, tmp_path / "unused.pt")
+        assert f"MEDATTN_ISA: the {isa} code path was requested but this CPU lacks it" in report["error"]
+        assert f"the best this CPU supports is {EXPECTED_ISA}" in report["error"]
+    report = run_with_isa("avx3000", tmp_path, tmp_path / "unused.pt")
+    assert "MEDATTN_ISA: unknown ISA 'avx3000'" in report["error"]
+
+
+_QEMU_SCRIPT = """
+import json, sys, torch
+torch.ops.load_library(sys.argv[1])
+implementations = dict(item.split("=", 1) for item in torch.ops.medattn.implementations())
+data = torch.load(sys.argv[2], weights_only=False)
+q, k, v, rel = data["fp32"]
+qq, kq, vq = data["int8"]
+with torch.inference_mode():
+    fp32 = torch.ops.medattn.local_attention(q, k, v, rel, 3, 2)
+    int8 = torch.ops.medattn.local_attention_int8(qq, kq, vq, rel, 3, 2)
+print(json.dumps({"implementations": implementations,
+                  "fp32_max_diff": (fp32 - data["expected_fp32"]).abs().max().item(),
+                  "int8_max_diff": (int8 - data["expected_int8"]).abs().max().item()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu, isa", [("Haswell", "avx2"), ("Nehalem", "portable")])
+def test_code_path_runs_on_an_emulated_cpu_without_higher_isas(cpu, isa, tmp_path):
+    """qemu-user emulating a Haswell (AVX2 + FMA, no AVX-512) / Nehalem (SSE4.2, no AVX) CPU: the library selects
+    avx2 / portable by CPUID and gives the results computed natively with that path, so that path needs no
+    instruction of the higher ones (an AVX-512 or AVX instruction would be SIGILL under emulation)."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 not installed (Debian: apt-get install qemu-user)")
+    if isa not in CPU_ISAS:
+        pytest.skip(f"the {isa} reference results must be computed natively, and this CPU lacks {isa}")
+    q, k, v, rel = random_inputs((1, 32, 6, 19), 3, seed=13)
+    qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
+    data_file = tmp_path / "inputs.pt"
+    torch.save({"fp32": (q, k, v, rel), "int8": (qq, kq, vq), "expected_fp32": fp32_isa(isa)(q, k, v, rel, 3, 2),
+                "expected_int8": int8_isa(isa)(qq, kq, vq, rel, 3, 2)}, data_file)
+    env = {key: value for key, value in os.environ.items() if key != "MEDATTN_ISA"}
+    # the venv's python is the system interpreter behind a symlink: qemu-user runs it with the host's libraries
+    result = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-c", _QEMU_SCRIPT, kernel_library_path(),
+                             str(data_file)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["implementations"]["selected_isa"] == isa
+    assert report["implementations"]["cpu_best_isa"] == isa
+    # IEEE arithmetic is emulated exactly: the same bits as natively
+    assert report["fp32_max_diff"] == 0.0
+    assert report["int8_max_diff"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# set-up build
+
+
+def test_load_without_a_built_library_says_how_to_build_it(tmp_path, monkeypatch):
+    """Loading never compiles: with no library for this checkout in the cache, load_kernels raises and names the
+    set-up command."""
+    monkeypatch.setenv("MEDATTN_KERNELS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(networks.kernels, "_library_path", None)
+    monkeypatch.setattr(networks.kernels, "_ops_registered", lambda: False)  # as in a fresh process
+    with pytest.raises(RuntimeError, match=r"not built .*run `make setup` \(or `python -m networks.kernels.build`\)"):
+        load_kernels()
+    assert not (tmp_path / "empty-cache").exists()
 
 
 @pytest.mark.slow
 def test_concurrent_first_builds_compile_once_and_both_load(tmp_path):
-    """Two processes loading at once into an empty cache: one compiles under the lock, the other waits and loads."""
-    script = textwrap.dedent(
-        """
-        import json, torch
-        from networks.kernels import kernel_library_path, last_build_seconds
-        path = kernel_library_path()
-        q = torch.randn(1, 4, 5, 6)
-        out = torch.ops.medattn.local_attention(q, q, q, torch.zeros(9, 4), 3, 1)
-        print(json.dumps({"path": path, "build_seconds": last_build_seconds(), "shape": list(out.shape)}))
-        """
-    )
+    """Two set-up builds at once into an empty cache: one compiles under the lock, the other waits; both then load
+    the same library and run both cores."""
     env = dict(os.environ, MEDATTN_KERNELS_CACHE=str(tmp_path / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     processes = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, cwd=REPO_ROOT)
+        subprocess.Popen([sys.executable, "-m", "networks.kernels.build", "--json", "--check"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
         for _ in range(2)
     ]
     reports = []
     for process in processes:
-        stdout, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-3000:]
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
     assert reports[0]["path"] == reports[1]["path"]
     assert Path(reports[0]["path"]).is_file()
+    assert Path(reports[0]["path"]).is_relative_to(tmp_path / "cache")
     assert sorted(report["build_seconds"] is None for report in reports) == [False, True]
-    assert all(report["shape"] == [1, 4, 5, 6] for report in reports)
+    assert all(report["implementations"]["cpu_best_isa"] == EXPECTED_ISA for report in reports)
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if ".build-" in p.name]
     assert leftovers == []
+    # a third run finds it built and returns at once
+    again = subprocess.run([sys.executable, str(REPO_ROOT / "networks" / "kernels" / "build.py")], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout

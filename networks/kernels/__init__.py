@@ -1,12 +1,19 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """Fused C++ cores of local self-attention (FP32 and INT8), registered as the torch custom ops ``torch.ops.medattn.*``.
 
-The library is compiled just in time with ``torch.utils.cpp_extension`` (``-O3 -march=native -fopenmp``; AVX-512
-VNNI code paths where the machine has them, plain C++ elsewhere) into a cache directory
-``$MEDATTN_KERNELS_CACHE`` or ``~/.cache/medattn_kernels/<hash>/`` keyed by the sources, flags, torch and Python
-versions and the CPU flags, and loaded once per process by :func:`load_kernels`. Concurrent builds are safe: the
-builder holds an ``fcntl`` lock per hash, compiles into a private temporary directory in a child process and moves
-the finished library into place with an atomic rename.
+The library is built once per machine in set-up (``make setup`` runs ``python -m networks.kernels.build``), never at
+request time: :func:`load_kernels` only loads it and raises a RuntimeError naming that command if it is missing. It
+is cached in ``$MEDATTN_KERNELS_CACHE`` or ``~/.cache/medattn_kernels/<hash>/`` keyed by the sources, flags,
+compiler, torch and Python versions (see :mod:`networks.kernels._library`; concurrent builds compile once under an
+``fcntl`` lock and publish with an atomic rename).
+
+The library is portable across x86-64 machines: it is compiled without ``-march`` and holds three code paths, chosen
+once per process by CPUID: ``portable`` (baseline C++), ``avx2`` (AVX2 + FMA, 8 lanes; the INT8 core on int16
+``vpmaddwd``) and ``avx512_vnni`` (AVX-512 F/BW/VNNI/VBMI, 16 lanes; the INT8 core on ``vpdpbusd``). The environment
+variable ``MEDATTN_ISA`` = ``avx512_vnni`` | ``avx2`` | ``portable`` forces a path (unset, empty or ``native``: the
+best available); naming one the CPU lacks raises a RuntimeError instead of crashing on an illegal instruction.
+:func:`kernel_implementations` reports the choice; ``torch.ops.medattn._local_attention_isa`` /
+``_local_attention_int8_isa`` run one named path (tests, benchmarks).
 
 Because the ops are registered with ``TORCH_LIBRARY``, modules that call them can be scripted or traced and the
 saved TorchScript file loads in any process that has run ``torch.ops.load_library(kernel_library_path())``.
@@ -22,24 +29,15 @@ with ``kpad`` / ``vpad`` zero outside the image, exactly like
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
-
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from . import _library
+
 __all__ = [
+    "build_kernels",
     "kernel_implementations",
     "kernel_library_path",
     "last_build_seconds",
@@ -48,91 +46,20 @@ __all__ = [
     "local_attention_fused_int8",
 ]
 
-_LIBRARY_NAME = "medattn_kernels"
-_SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("medattn_ops.cpp", "local_attention_fp32.cpp", "local_attention_int8.cpp")
-_HEADERS = ("local_attention.h", "simd_math.h")
-_CFLAGS = ("-O3", "-march=native", "-fopenmp")
-_LDFLAGS = ("-fopenmp",)
-
 _load_lock = threading.Lock()
 _library_path: str | None = None
 _build_seconds: float | None = None
 
 
-def _cache_root() -> Path:
-    configured = os.environ.get("MEDATTN_KERNELS_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medattn_kernels"
-
-
-def _cpu_flags() -> str:
-    """The CPU feature flags: ``-march=native`` code must not be reused on a machine with fewer features."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build_key() -> str:
-    digest = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
-        digest.update(name.encode())
-        digest.update((_SOURCE_DIR / name).read_bytes())
-    for item in (
-        _CFLAGS,
-        _LDFLAGS,
-        torch.__version__,
-        sys.version_info[:2],
-        platform.machine(),
-        os.environ.get("CXX", "c++"),
-        _cpu_flags(),
-    ):
-        digest.update(repr(item).encode())
-    return digest.hexdigest()[:20]
-
-
-_BUILD_SCRIPT = """
-import json, sys
-from torch.utils.cpp_extension import load
-args = json.loads(sys.argv[1])
-load(name=args["name"], sources=args["sources"], extra_cflags=args["cflags"], extra_ldflags=args["ldflags"],
-     build_directory=args["build_directory"], is_python_module=False, verbose=False)
-"""
-
-
-def _build(target: Path) -> float:
-    """Compile the library into ``target`` (atomic rename from a private build directory); returns seconds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f"{target.parent.name}.build-", dir=target.parent.parent))
-    try:
-        args = {
-            "name": _LIBRARY_NAME,
-            "sources": [str(_SOURCE_DIR / name) for name in _SOURCES],
-            "cflags": list(_CFLAGS),
-            "ldflags": list(_LDFLAGS),
-            "build_directory": str(build_dir),
-        }
-        start = time.perf_counter()
-        # A child process compiles (and test-loads) the library, so this process loads only the final copy.
-        result = subprocess.run(
-            [sys.executable, "-c", _BUILD_SCRIPT, json.dumps(args)], capture_output=True, text=True, check=False
-        )
-        seconds = time.perf_counter() - start
-        built = build_dir / f"{_LIBRARY_NAME}.so"
-        if result.returncode != 0 or not built.is_file():
-            log = (result.stdout + result.stderr)[-6000:]
-            raise RuntimeError(f"building the medattn kernels failed (exit code {result.returncode}):\n{log}")
-        os.replace(built, target)
-        return seconds
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
+def build_kernels() -> float | None:
+    """Build the op library into the cache unless it is there (1-2 min on 2 shared cores; concurrent callers
+    compile once). Returns the seconds spent compiling, None when it was already built. Set-up work: servers and
+    tests only load (:func:`load_kernels`)."""
+    global _build_seconds
+    _, seconds = _library.build_library()
+    if seconds is not None:
+        _build_seconds = seconds
+    return seconds
 
 
 def _ops_registered() -> bool:
@@ -144,49 +71,52 @@ def _ops_registered() -> bool:
 
 
 def load_kernels() -> None:
-    """Build (first use on this machine: 20-40 s on 2 cores) and load the ``medattn`` op library, once per process.
+    """Load the prebuilt ``medattn`` op library, once per process (never compiles).
 
     Raises:
-        RuntimeError: the compiler failed (the message carries the end of the build log).
+        RuntimeError: the library for these sources / torch / Python is not built (run ``make setup`` or
+            ``python -m networks.kernels.build``), or ``MEDATTN_ISA`` names a code path this CPU lacks.
     """
-    global _library_path, _build_seconds
+    global _library_path
     if _library_path is not None:
         return
     with _load_lock:
         if _library_path is not None:
             return
-        key = _build_key()
-        target = _cache_root() / key / f"{_LIBRARY_NAME}.so"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target.parent.with_name(f"{key}.lock"), "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)  # released by the kernel even if this process dies
-                try:
-                    if not target.is_file():  # another process may have finished it while we waited
-                        _build_seconds = _build(target)
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+        target = _library.library_path()
         if not _ops_registered():
+            if not target.is_file():
+                raise RuntimeError(
+                    f"the medattn kernel library is not built for this checkout, torch and Python (expected at "
+                    f"{target}); {_library.BUILD_HINT}"
+                )
             torch.ops.load_library(str(target))
+        torch.ops.medattn.implementations()  # raises now, not at the first call, if MEDATTN_ISA cannot be honoured
         _library_path = str(target)
 
 
 def kernel_library_path() -> str:
-    """Path of the compiled op library (building it if needed), for ``torch.ops.load_library`` in other processes."""
+    """Path of the compiled op library (loading it), for ``torch.ops.load_library`` in other processes."""
     load_kernels()
     assert _library_path is not None
     return _library_path
 
 
 def last_build_seconds() -> float | None:
-    """Wall time of the compilation done by this process, or None when the library came from the cache."""
+    """Wall time of the compilation done by :func:`build_kernels` in this process, or None (none done)."""
     return _build_seconds
 
 
-def kernel_implementations() -> dict[str, str]:
-    """Code path of each core on this build, e.g. ``{"fp32": "avx512", "int8": "avx512_vnni"}`` (or "portable")."""
+def kernel_implementations() -> dict[str, Union[str, list[str]]]:
+    """What runs in this process, e.g. ``{"fp32": "avx2", "int8": "avx2", "selected_isa": "avx2",
+    "cpu_best_isa": "avx2", "available_isas": ["portable", "avx2"]}`` ("fp32" / "int8": the code path of each core,
+    "available_isas": every path this CPU can run, lowest first)."""
     load_kernels()
-    return dict(item.split("=", 1) for item in torch.ops.medattn.implementations())
+    report: dict[str, Union[str, list[str]]] = {}
+    for item in torch.ops.medattn.implementations():
+        key, value = item.split("=", 1)
+        report[key] = value.split(",") if key == "available_isas" else value
+    return report
 
 
 def local_attention_fused(
@@ -227,7 +157,8 @@ def local_attention_fused_int8(
     """Fused INT8 local self-attention core on quantized q, k, v (inference only), with an optional per-channel
     epilogue ``relu?(out_scale * y + out_shift)`` applied while storing (a folded BatchNorm -> ReLU).
 
-    ``q . k`` and the weighted value sum run in integer arithmetic on the raw bytes (VNNI), ``q . rel`` uses a
+    ``q . k`` and the weighted value sum run in integer arithmetic (VNNI on the raw bytes, or AVX2 ``vpmaddwd`` on
+    zero-point-free int16), ``q . rel`` uses a
     16-bit fixed-point copy of ``rel``, the softmax runs in float and its weights are rounded to 8 bits relative to
     the largest weight (see ``csrc/local_attention_int8.cpp``).
 

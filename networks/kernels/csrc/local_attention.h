@@ -1,7 +1,9 @@
 // Copyright MedAttnSlicer contributors. Apache-2.0.
 //
 // Fused local self-attention cores (inference only). Shared geometry and entry points of the FP32 and INT8
-// kernels; the torch op registration lives in medattn_ops.cpp.
+// kernels; the torch op registration lives in medattn_ops.cpp, the run-time choice of the code path (portable, AVX2,
+// AVX-512 VNNI, by CPUID and MEDATTN_ISA) in isa.cpp, the per-ISA inner loops in the *_avx2.cpp / *_avx512.cpp
+// translation units behind isa_kernels.h. Only baseline-compiled TUs include this header.
 //
 // Contract (both kernels), for every pixel p and head h (channels [h*C/heads, (h+1)*C/heads)):
 //   logit[h, n] = sum_{c in h} q[c, p] * (kpad[c, p + n] + rel[n, c])
@@ -12,6 +14,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include "isa_kernels.h"
 
 namespace medattn {
 
@@ -40,9 +45,22 @@ struct AttentionGeometry {
   int64_t dx(int64_t n) const { return n % kernel_size - radius(); }
 };
 
+// The plain-struct copy of a geometry handed to the ISA TUs.
+GeometryView geometry_view(const AttentionGeometry& g);
+
+// Code path selection (isa.cpp). cpu_best_isa: the best path this CPU can run (CPUID, checked once). selected_isa:
+// the path the public ops use, chosen once: MEDATTN_ISA (avx512_vnni | avx2 | portable; unset, empty or "native" =
+// the best) if set, else the best; raises (c10::Error -> RuntimeError) for an unknown name or an ISA this CPU lacks.
+const char* isa_name(Isa isa);
+Isa cpu_best_isa();
+bool cpu_supports(Isa isa);
+Isa selected_isa();
+// Parses an ISA name and checks that this CPU can run it (raises otherwise); `what` names the caller in messages.
+Isa require_isa(const std::string& name, const char* what);
+
 // FP32. q, k, v, out: contiguous (B, C, D, H, W) float; rel: contiguous (K, C).
 void local_attention_fp32(const float* q, const float* k, const float* v, const float* rel, float* out,
-                          const AttentionGeometry& geo, bool allow_simd);
+                          const AttentionGeometry& geo, Isa isa);
 
 // Per-tensor affine uint8 operand: raw data in channels-last layout (B, D, H, W, C) and its quantisation.
 struct QuantizedOperand {
@@ -64,10 +82,6 @@ struct OutputEpilogue {
 // layout the next layer's quantized 1x1 projections read (an NC[D]HW output cost a repack per layer).
 void local_attention_int8(const QuantizedOperand& q, const QuantizedOperand& k, const QuantizedOperand& v,
                           const float* rel, float* out, const AttentionGeometry& geo, const OutputEpilogue& epilogue,
-                          bool allow_simd);
-
-// Which implementation allow_simd=true selects on this build ("avx512" or "portable").
-const char* fp32_implementation();
-const char* int8_implementation();
+                          Isa isa);
 
 }  // namespace medattn

@@ -13,9 +13,14 @@
 //       quantized projection reads), = relu?(out_scale[c] * attention + out_shift[c]) with the optional
 //       per-channel epilogue (float32 (C,)). The three trailing arguments have defaults, so TorchScript files saved
 //       with the six-argument form still load and run.
-//   medattn::_local_attention_portable / _local_attention_int8_portable: the same maths through the plain C++
-//       path (used on machines without AVX-512 VNNI), exposed for cross-checking.
-//   medattn::implementations() -> str[]: ["fp32=<avx512|portable>", "int8=<avx512_vnni|portable>"].
+//   medattn::_local_attention_isa(..., str isa) / _local_attention_int8_isa(..., out_scale, out_shift, relu, str isa):
+//       the same maths through one named code path ("avx512_vnni", "avx2" or "portable"), for cross-checking and
+//       benchmarking every path on one machine; raises if this CPU lacks it.
+//   medattn::implementations() -> str[]: "key=value" strings: fp32=<isa>, int8=<isa> (the paths the two ops above
+//       run), selected_isa=<isa>, cpu_best_isa=<isa>, available_isas=<comma list, lowest first>.
+//
+// The public ops run the code path isa.cpp selects once per process: the best one this CPU supports (CPUID), or the
+// one MEDATTN_ISA names (avx512_vnni | avx2 | portable); naming one this CPU lacks raises instead of running it.
 //
 // Inference only: calling with grad mode on and an input that requires grad raises (no backward is registered;
 // train with the pure-PyTorch core).
@@ -94,7 +99,7 @@ AttentionGeometry check_geometry(const char* op, const at::Tensor& q, const at::
 }
 
 at::Tensor fp32_op(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& rel, int64_t kernel_size, int64_t heads, bool allow_simd) {
+                   const at::Tensor& rel, int64_t kernel_size, int64_t heads, Isa isa) {
   TORCH_CHECK(!q.is_quantized() && !k.is_quantized() && !v.is_quantized(), "medattn::", op,
               ": got quantized q/k/v; use medattn::local_attention_int8 for quint8 inputs");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
@@ -107,7 +112,7 @@ at::Tensor fp32_op(const char* op, const at::Tensor& q, const at::Tensor& k, con
   at::Tensor out = new_output(q.sizes());
   if (out.numel() == 0) return out;
   local_attention_fp32(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), relc.data_ptr<float>(),
-                       out.data_ptr<float>(), g, allow_simd);
+                       out.data_ptr<float>(), g, isa);
   return out;
 }
 
@@ -132,7 +137,7 @@ at::Tensor epilogue_operand(const char* op, const char* name, const std::optiona
 
 at::Tensor int8_op(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& rel, int64_t kernel_size, int64_t heads, const std::optional<at::Tensor>& out_scale,
-                   const std::optional<at::Tensor>& out_shift, bool relu, bool allow_simd) {
+                   const std::optional<at::Tensor>& out_shift, bool relu, Isa isa) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->is_quantized() && t->scalar_type() == at::kQUInt8, "medattn::", op,
                 ": q, k and v must be quint8 quantized tensors (e.g. FBGEMM/x86 quantized conv outputs), got ",
@@ -167,37 +172,47 @@ at::Tensor int8_op(const char* op, const at::Tensor& q, const at::Tensor& k, con
   epilogue.shift = shift.defined() ? shift.data_ptr<float>() : nullptr;
   epilogue.relu = relu;
   local_attention_int8(quantized_operand(qc), quantized_operand(kc), quantized_operand(vc), relc.data_ptr<float>(),
-                       out.data_ptr<float>(), g, epilogue, allow_simd);
+                       out.data_ptr<float>(), g, epilogue, isa);
   return out;
 }
 
 at::Tensor local_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel,
                            int64_t kernel_size, int64_t heads) {
-  return fp32_op("local_attention", q, k, v, rel, kernel_size, heads, true);
+  return fp32_op("local_attention", q, k, v, rel, kernel_size, heads, selected_isa());
 }
 
-at::Tensor local_attention_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& rel, int64_t kernel_size, int64_t heads) {
-  return fp32_op("_local_attention_portable", q, k, v, rel, kernel_size, heads, false);
+at::Tensor local_attention_isa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel,
+                               int64_t kernel_size, int64_t heads, const std::string& isa) {
+  return fp32_op("_local_attention_isa", q, k, v, rel, kernel_size, heads, require_isa(isa, "medattn::_local_attention_isa"));
 }
 
 at::Tensor local_attention_int8_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& rel, int64_t kernel_size, int64_t heads,
                                    const std::optional<at::Tensor>& out_scale,
                                    const std::optional<at::Tensor>& out_shift, bool relu) {
-  return int8_op("local_attention_int8", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu, true);
+  return int8_op("local_attention_int8", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu,
+                 selected_isa());
 }
 
-at::Tensor local_attention_int8_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& rel, int64_t kernel_size, int64_t heads,
-                                         const std::optional<at::Tensor>& out_scale,
-                                         const std::optional<at::Tensor>& out_shift, bool relu) {
-  return int8_op("_local_attention_int8_portable", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu,
-                 false);
+at::Tensor local_attention_int8_isa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& rel, int64_t kernel_size, int64_t heads,
+                                    const std::optional<at::Tensor>& out_scale,
+                                    const std::optional<at::Tensor>& out_shift, bool relu, const std::string& isa) {
+  return int8_op("_local_attention_int8_isa", q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu,
+                 require_isa(isa, "medattn::_local_attention_int8_isa"));
 }
 
 std::vector<std::string> implementations() {
-  return {std::string("fp32=") + fp32_implementation(), std::string("int8=") + int8_implementation()};
+  const std::string selected = isa_name(selected_isa());  // raises for a bad MEDATTN_ISA
+  std::string available;
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512Vnni}) {
+    if (!cpu_supports(isa)) continue;
+    if (!available.empty()) available += ",";
+    available += isa_name(isa);
+  }
+  // both cores run the same path: the avx512_vnni path's FP32 core uses AVX-512F only
+  return {"fp32=" + selected, "int8=" + selected, "selected_isa=" + selected,
+          std::string("cpu_best_isa=") + isa_name(cpu_best_isa()), "available_isas=" + available};
 }
 
 }  // namespace
@@ -212,11 +227,12 @@ TORCH_LIBRARY(medattn, m) {
       "local_attention_int8(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, "
       "Tensor? out_scale=None, Tensor? out_shift=None, bool relu=False) -> Tensor",
       &medattn::local_attention_int8_op);
-  m.def("_local_attention_portable(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads) -> Tensor",
-        &medattn::local_attention_portable);
   m.def(
-      "_local_attention_int8_portable(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, "
-      "Tensor? out_scale=None, Tensor? out_shift=None, bool relu=False) -> Tensor",
-      &medattn::local_attention_int8_portable);
+      "_local_attention_isa(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, str isa) -> Tensor",
+      &medattn::local_attention_isa);
+  m.def(
+      "_local_attention_int8_isa(Tensor q, Tensor k, Tensor v, Tensor rel, int kernel_size, int heads, "
+      "Tensor? out_scale, Tensor? out_shift, bool relu, str isa) -> Tensor",
+      &medattn::local_attention_int8_isa);
   m.def("implementations() -> str[]", &medattn::implementations);
 }
