@@ -995,3 +995,37 @@ def test_classify_sends_explain_and_rejects_another_method(fake_server, tmp_path
                       timeout_s=10)
     assert job.state == JobState.FAILED and isinstance(job.error, ProtocolError)
     assert "asked for a 'grad_cam' explanation but answered with 'rise'" in str(job.error)
+
+
+def test_module_shutdown_leaves_the_servers_training_running(fake_server):
+    # Closing Slicer or reloading the module (JobRunner.shutdown from Logic.cleanup) must not stop a
+    # training on a server other annotators may share.
+    training = _TrainingServer("DONE", total_epochs=10_000)
+    server = fake_server(training.routes())
+    runner = JobRunner()
+    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
+                        poll_interval_s=30.0)
+    assert _wait_for(lambda: training.status == "RUNNING")
+    runner.shutdown(timeout_s=5)
+    assert job.state == JobState.CANCELLED and job.message == "Training 'sadnn_seg' left running on the server"
+    assert server.find("DELETE", "/train/") == [] and training.status == "RUNNING"
+
+
+def test_cancel_does_not_stop_another_annotators_training_of_the_same_model(fake_server):
+    training = _TrainingServer("DONE", total_epochs=10_000)
+    routes = training.routes()
+    # The server runs someone else's training of the same model (another task id) when ours is cancelled.
+    routes[("GET", "/train/")] = lambda request: (
+        (200, "application/json", json.dumps({"id": "task-of-someone-else", "status": "RUNNING",
+                                              "request": {"model": "sadnn_seg"}}).encode())
+        if request["query"].get("check_if_running") == "true" else training.task_status(request)
+    )
+    server = fake_server(routes)
+    runner = JobRunner()
+    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
+                        poll_interval_s=30.0)
+    assert _wait_for(lambda: training.status == "RUNNING")
+    job.cancel()
+    runner.wait(job, timeout_s=5)
+    assert job.state == JobState.CANCELLED and "another training task on the server was left running" in job.message
+    assert server.find("DELETE", "/train/") == []

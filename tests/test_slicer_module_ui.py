@@ -184,8 +184,14 @@ def test_module_compiles_and_defines_slicer_classes(tmp_path):
     assert bases["MedAttnSlicerTest"] == ["ScriptedLoadableModuleTest"]
     source = MODULE_PY.read_text()
     for call in ("slicer.util.loadUI(", "slicer.util.childWidgetVariables(", "qt.QTimer()", "qt.QSettings()",
-                 "slicer.util.saveNode(", "slicer.util.arrayFromVolume(", "slicer.util.errorDisplay("):
+                 "slicer.util.exportNode(", "slicer.util.arrayFromVolume(", "slicer.util.errorDisplay(",
+                 "slicer.util.tempDirectory("):
         assert call in source, f"MedAttnSlicer.py should use {call}"
+    # The user's volume goes to the server as a copy: saveNode would re-point its storage node at a temp file.
+    logic = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerLogic")
+    write = ast.get_source_segment(source, next(n for n in logic.body if getattr(n, "name", "") == "writeVolume"))
+    assert "util.saveNode(" not in write and "util.exportNode(" in write
+    assert "tempfile.mkdtemp(prefix" not in source.replace('tempfile.mkdtemp(prefix="job-", dir=self.tempDir)', "")
 
 
 def test_module_uses_only_names_the_lib_defines():
@@ -251,17 +257,40 @@ def test_module_cmakelists_lists_every_file():
         str(path.relative_to(MODULE_DIR))
         for path in MODULE_DIR.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts and path.name != "CMakeLists.txt"
+        and path.relative_to(MODULE_DIR).parts[0] != "Testing"  # build-time tests, not installed
     }
     assert set(listed) == on_disk, f"not listed: {sorted(on_disk - set(listed))}; missing: {sorted(set(listed) - on_disk)}"
     assert len(listed) == len(set(listed))
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
+    assert re.search(r"if\(BUILD_TESTING\).*add_subdirectory\(Testing\)", text, re.S)
+
+
+def test_cmake_tests_split_into_a_self_test_and_a_skipping_server_test():
+    """The CTest of the module script must pass on build dashboards, where no server runs."""
+    testing = MODULE_DIR / "Testing"
+    assert "add_subdirectory(Python)" in (testing / "CMakeLists.txt").read_text()
+    registered = re.findall(r"^slicer_add_python_unittest\(SCRIPT (\S+)\)", (testing / "Python" / "CMakeLists.txt").read_text(), re.M)
+    assert registered == ["MedAttnSlicerServerTest.py"]
+    server_test = (testing / "Python" / "MedAttnSlicerServerTest.py").read_text()
+    ast.parse(server_test, feature_version=(3, 9))
+    assert "MEDATTN_SERVER_URL" in server_test and "self.skipTest(" in server_test
+    module_test = ast.get_source_segment(
+        MODULE_PY.read_text(),
+        next(n for n in ast.parse(MODULE_PY.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerTest"),
+    )
+    for server_call in ("setServer(", "runBlocking(", "MEDATTN_SERVER_URL", "workflows."):
+        assert server_call not in module_test, f"the self-test must not need a server ({server_call})"
 
 
 def test_extension_cmakelists_metadata():
     text = (REPO / "CMakeLists.txt").read_text()
-    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "DEPENDS"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), f"EXTENSION_{key} missing or empty"
+    assert re.search(r'set\(EXTENSION_SCREENSHOTURLS "[^"]*"\)', text)
+    # Every file the metadata links to in this repository exists (no screenshot of a panel nobody took).
+    for path in re.findall(r"https://raw\.githubusercontent\.com/MedAttnSlicer/MedAttnSlicer/main/(\S+?)\"", text):
+        assert (REPO / path).is_file(), f"CMakeLists.txt links to {path}, which is not in the repository"
     ordered = [
         "find_package(Slicer REQUIRED)",
         "include(${Slicer_USE_FILE})",

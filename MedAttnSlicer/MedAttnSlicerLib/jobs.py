@@ -72,6 +72,9 @@ class Job:
         self.message = ""
         self.callbacks: Dict[str, Optional[Callable[[JobEvent], Any]]] = {}
         self.thread: Optional[threading.Thread] = None
+        #: True when the panel stopped *following* the job (module closing) rather than asking to stop
+        #: the work itself: jobs that control server tasks then leave those tasks running.
+        self.detached = False
         self._posted_final = threading.Event()
 
     @property
@@ -84,6 +87,15 @@ class Job:
 
     def cancel(self, reason: str = "Cancelled by the user.") -> None:
         """Ask the job to stop; the ``cancelled`` event follows through ``poll``."""
+        self.cancel_token.cancel(reason)
+
+    def detach(self, reason: str = "The panel stopped following this job.") -> None:
+        """Stop waiting for the job without stopping what it started on the server.
+
+        Closing Slicer or reloading the module must not stop a training or scoring task that may be
+        shared with other annotators; only the user's explicit Stop/Cancel does that.
+        """
+        self.detached = True
         self.cancel_token.cancel(reason)
 
     def __repr__(self) -> str:
@@ -104,6 +116,11 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         return self._job.cancel_token.cancelled
+
+    @property
+    def detached(self) -> bool:
+        """True when the job was cancelled by :meth:`Job.detach` (leave server tasks running)."""
+        return self._job.detached
 
     def raise_if_cancelled(self) -> None:
         self._job.cancel_token.raise_if_cancelled()
@@ -271,8 +288,15 @@ class JobRunner:
         return job
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Cancel every job and wait up to ``timeout_s`` for their threads (module cleanup)."""
-        self.cancel_all("The module is closing.")
+        """Detach every job and wait up to ``timeout_s`` for their threads (module cleanup).
+
+        Requests in flight are aborted, but server tasks (training, scoring) keep running: see
+        :meth:`Job.detach`.
+        """
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.detach("The module is closing.")
         for job in self.active_jobs:
             if job.thread is not None:
                 job.thread.join(timeout_s)

@@ -265,7 +265,8 @@ def run_training(
 
     Progress comes from ``info()["train_stats"][task]`` (epoch, total_epochs, best_metric); stats
     left over from an earlier run (same ``start_ts`` as before we started) are ignored. Cancel
-    stops the server's training (``DELETE /train/``) before the job reports ``cancelled``.
+    stops the server's training (``DELETE /train/``), only when it is the task this job started,
+    before the job reports ``cancelled``; a detached job (module closing) leaves it running.
 
     Raises:
         TrainingFailed: when the server reports ERROR.
@@ -293,6 +294,8 @@ def run_training(
                 stats = fresh
             ctx.progress(training_fraction(stats), training_text(task, status, stats))
     except OperationCancelled:
+        if ctx.detached:  # the module is closing: the server's training is not ours to end
+            raise OperationCancelled(f"Training '{task}' left running on the server") from None
         raise OperationCancelled(_stop_training(client, task, record)) from None
     if status == "DONE":
         stats = _train_stats(client, task, ctx) or stats
@@ -315,9 +318,9 @@ def _stop_training(client: MonaiLabelClient, task: str, record: Dict[str, Any]) 
         running = client.train_status(check_if_running=True)
         if not running:
             return f"Training '{task}' cancelled (nothing was running on the server)"
-        ours = (record.get("id") and running.get("id") == record.get("id")) or (
-            (running.get("request") or {}).get("model") == task
-        )
+        # Only the task this job started, identified by the id the server gave it: another annotator
+        # may be training the same model on a shared server.
+        ours = bool(record.get("id")) and running.get("id") == record.get("id")
         if not ours:
             return f"Training '{task}' cancelled; another training task on the server was left running"
         client.train_stop()
@@ -369,6 +372,8 @@ def run_scoring(
             missing, record, status = 0, current, str(current.get("status") or "RUNNING")
             ctx.progress(None, f"Scoring '{method}': {status}")
     except OperationCancelled:
+        if ctx.detached:  # the module is closing: leave the server's task alone
+            raise OperationCancelled(f"Scoring '{method}' left running on the server") from None
         try:
             client.scoring_stop()
         except MedAttnClientError as error:
