@@ -6,7 +6,12 @@ checked on a second input size) with a JSON description stored inside it as the 
 
     {"format": "medattnslicer-torchscript", "version": 1, "precision": "int8" | "fp32",
      "quantized_engine": "x86", "export": "script" | "trace", "example_input_shape": [...],
-     "custom_ops": ["medattn::local_attention_int8", ...], ...}
+     "custom_ops": ["medattn::local_attention_int8", ...],
+     "portable": true, "fbgemm_input_bits": 7, ...}
+
+``portable`` (INT8 only): the artifact computes the same on CPUs with and without VNNI (7-bit inputs to FBGEMM's
+INT8 ops, see :mod:`networks.quantization.quantize`). Loading one that is not portable on a CPU whose FBGEMM
+saturates warns.
 
 Loading needs only torch plus the kernel library registering the ``torch.ops.medattn`` ops:
 :func:`load_artifact` loads it through :func:`networks.kernels.load_kernels`, then sets the quantized engine the
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from networks.atomic_file import atomic_path
+from networks.isa import fbgemm_saturates
 from networks.quantization.quantize import quantized_engine
 from networks.quantization.tracing import traceable_copy
 
@@ -235,7 +241,9 @@ def save_int8_artifact(
     summary = getattr(qmodel, "int8_summary", None)
     if summary is None:
         raise ValueError("qmodel has no int8_summary: pass a network returned by quantize_int8")
-    return _save_artifact(qmodel, example_input, path, "int8", summary["backend"], metadata, method)
+    portability = {"portable": bool(summary["portable"]), "fbgemm_input_bits": int(summary["fbgemm_input_bits"])}
+    return _save_artifact(qmodel, example_input, path, "int8", summary["backend"], {**(metadata or {}), **portability},
+                          method)
 
 
 def fused_fp32_model(model: nn.Module) -> nn.Module:
@@ -292,6 +300,14 @@ def load_artifact(path: str | os.PathLike, *, expected_precision: str | None = N
     if expected_precision is not None and meta.get("precision") != expected_precision:
         raise ArtifactError(f"{path} holds a {meta.get('precision')} network, expected {expected_precision}")
     load_kernels()
+    if meta.get("precision") == "int8" and not meta.get("portable", False) and fbgemm_saturates():
+        warnings.warn(
+            f"{path} feeds 8-bit activations to FBGEMM's INT8 ops (made before portable artifacts, or with "
+            "reduce_range=False); this CPU has no VNNI (or FBGEMM_ENABLE_INSTRUCTIONS forces AVX2), where their int16 "
+            "pair sums saturate: expect wrong outputs. Re-quantise it with quantize_int8 (portable by default).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     engine = meta.get("quantized_engine")
     try:
         if engine:

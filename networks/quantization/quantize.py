@@ -18,6 +18,13 @@ What is quantised (eager-mode static, PyTorch QuantizedCPU):
 Activations use per-tensor affine quint8 with MinMax observers (the x86 default histogram observer was ~10x less
 accurate per layer, and gave no gain on trained SaDNN-seg); weights use per-output-channel symmetric qint8.
 
+Portable artifacts (``reduce_range=True``, the default on every CPU): the *inputs* of FBGEMM's INT8 convolutions and
+linears are quantised to 7 bits (0..127), their outputs and the projections' q/k/v (read by our own INT8 core, which
+is exact on every CPU) to the full 8 bits. On CPUs without VNNI FBGEMM sums each pair of u8 x s8 products in a
+saturating int16; with 7-bit inputs a pair is at most 2 * 127 * 128 = 32512, so an artifact computes the same
+integers on an AVX2 CPU as on an AVX-512 VNNI one, wherever it was made (see :mod:`networks.isa`). The summary
+records ``fbgemm_input_bits`` and ``portable``.
+
 Value equalisation (on by default): per-tensor quantisation of an attention layer's values gave channels with a
 small range only a few of the 256 levels, and that was the dominant INT8 error of trained SaDNN-seg (argmax agreement
 with FP32 0.80 without, 0.97 with, on held-out CT slices). Each value channel is scaled to the shared range through
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -41,6 +47,7 @@ from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from networks.blocks.local_self_attention import LocalSelfAttention
+from networks.isa import cpu_has_vnni
 from networks.quantization.float_parts import describe_float_parts
 from networks.quantization.modules import QuantizedLeaf, QuantizedLocalSelfAttention
 
@@ -52,6 +59,7 @@ __all__ = [
     "quantized_engine",
     "cpu_has_vnni",
     "ensure_fused_backend",
+    "FBGEMM_SAFE_INPUT_BITS",
 ]
 
 SUPPORTED_BACKENDS = ("x86", "fbgemm", "onednn", "qnnpack")
@@ -77,18 +85,8 @@ def float_module_types() -> set[type]:
     return set(_FLOAT_MODULE_TYPES)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has AVX512-VNNI / AVX-VNNI (INT8 dot products without 16-bit saturation)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    except OSError:
-        pass
-    return False
+# Bits of the activations fed to FBGEMM's INT8 ops that never saturate its int16 pair sums (CPUs without VNNI).
+FBGEMM_SAFE_INPUT_BITS = 7
 
 
 @contextlib.contextmanager
@@ -226,9 +224,7 @@ def _quantized_attention(
 _MAX_VALUE_GAIN = 256.0
 
 
-def _value_equalization(
-    observer: PerChannelMinMaxObserver, reduce_range: bool
-) -> tuple[torch.Tensor, _ActivationRange]:
+def _value_equalization(observer: PerChannelMinMaxObserver) -> tuple[torch.Tensor, _ActivationRange]:
     """Per-channel gains ``u_c >= 1`` for the values and the quantisation range of the equalised values.
 
     Attention mixes the values channel by channel (``y_c = sum_n w_n v_c(n)``), so scaling value channel ``c`` by
@@ -244,7 +240,7 @@ def _value_equalization(
         gain = torch.ones_like(magnitude)
     else:
         gain = (peak / magnitude.clamp_min(peak / _MAX_VALUE_GAIN)).clamp(1.0, _MAX_VALUE_GAIN)
-    equalized = _ActivationRange(reduce_range)
+    equalized = _ActivationRange(reduce_range=False)  # values feed our INT8 core only: all 8 bits
     equalized.observe(torch.stack([(low * gain).min(), (high * gain).max()]))
     return gain, equalized
 
@@ -436,7 +432,7 @@ def quantize_int8(
     calibration: Iterable[torch.Tensor],
     *,
     backend: str = "x86",
-    reduce_range: bool | None = None,
+    reduce_range: bool = True,
     keep_float: Iterable[str] = (),
     equalize_values: bool = True,
     quantize_grouped_convs: bool = False,
@@ -450,8 +446,11 @@ def quantize_int8(
             ``(image, label)`` pairs and ``{"image": ...}`` dictionaries. At least one batch.
         backend: quantized engine the weights are packed for: ``"x86"`` (default) or ``"fbgemm"``
             (``"onednn"``/``"qnnpack"`` where the build has them).
-        reduce_range: quantise activations to 7 bits (needed where INT8 dot products saturate in 16 bits, i.e.
-            x86 without VNNI); None picks False on CPUs with VNNI, True otherwise.
+        reduce_range: quantise the inputs of FBGEMM's INT8 convs/linears to 7 bits (default), which makes the
+            artifact compute the same on CPUs with and without VNNI (module docstring). ``False`` gives them 8 bits:
+            one bit finer, but exact only on CPUs with VNNI (on AVX2 the int16 pair sums saturate); such an
+            artifact is marked ``portable: False`` and warns when loaded on a CPU without VNNI. Outputs (and the
+            q/k/v our own core reads) always use 8 bits.
         keep_float: qualified names of modules (as in ``named_modules()``) to leave in float with all they
             contain, e.g. the most quantisation-sensitive layers.
         equalize_values: per-channel equalisation of each attention layer's values before their per-tensor
@@ -475,8 +474,6 @@ def quantize_int8(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
     work = copy.deepcopy(model).cpu().eval()
     keep_float = frozenset(keep_float)
     known = {name for name, _ in work.named_modules()}
@@ -499,7 +496,8 @@ def quantize_int8(
     handles = []
 
     def record(key: str):
-        ranges[key] = _ActivationRange(reduce_range)
+        # "#in": an input of FBGEMM's INT8 ops (7 bits unless reduce_range=False); "#out": an output, 8 bits
+        ranges[key] = _ActivationRange(reduce_range and key.endswith("#in"))
         return ranges[key]
 
     value_channels: dict[str, PerChannelMinMaxObserver] = {}
@@ -551,7 +549,7 @@ def quantize_int8(
             relu = False
             gain = None
             if equalize_values:
-                gain, value_range = _value_equalization(value_channels[name], reduce_range)
+                gain, value_range = _value_equalization(value_channels[name])
                 with torch.no_grad():
                     layer.value.weight.mul_(gain.view(-1, *([1] * (layer.value.weight.ndim - 1))))
             if fuse_epilogue:
@@ -598,7 +596,13 @@ def quantize_int8(
     else:
         _replace_modules(work, replacements)
     work.eval()
-    summary.update(backend=backend, reduce_range=bool(reduce_range), calibration_batches=n_batches)
+    summary.update(
+        backend=backend,
+        reduce_range=bool(reduce_range),
+        fbgemm_input_bits=FBGEMM_SAFE_INPUT_BITS if reduce_range else 8,
+        portable=bool(reduce_range),
+        calibration_batches=n_batches,
+    )
     summary.update(describe_float_parts(work, (QuantizedLeaf, QuantizedLocalSelfAttention)))
     work.int8_summary = summary
     return work
