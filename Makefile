@@ -8,6 +8,7 @@ PORT ?= 8000
 .PHONY: setup data serve test bench-quick
 setup:
 	@bash scripts/setup_venv.sh
+	@$(PY) networks/kernels/build.py
 
 data: setup
 	$(PY) -m sample_data
@@ -30,3 +31,15 @@ test: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.quantization --quick
+
+# The INT8 and kernel tests again with FBGEMM, ATen and our kernels forced to the AVX2 class (CPUs without AVX-512
+# VNNI), whatever this CPU is; .ci/run calls it where the CPU's own class is higher (networks/isa.py)
+.PHONY: test-avx2
+test-avx2: setup
+	MEDATTN_ISA=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} \
+		$(PY) -m pytest -q tests/test_attention_kernels.py tests/test_quantization.py tests/test_attention_classifiers_int8.py
+
+# re-quantise the bundled FP32 weights (INT8 families) without training, and re-evaluate them
+.PHONY: requantize
+requantize: data
+	$(PY) -m monailabel_app.train_bundled --requantize

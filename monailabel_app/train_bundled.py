@@ -22,7 +22,8 @@ Families: ``sadnn_seg`` (liver), ``unet_seg`` (liver, MONAI BasicUNet baseline),
 of liver, spleen, kidneys and stomach), ``sadnn_seg3d`` (liver, native 3D); the classifiers ``hct_cls``,
 ``scopeformer_cls`` and ``patchconvnet_cls`` on the same task as ``sadnn_cls``. A run of some families
 (``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and their entries in
-``bundled_weights.json``.
+``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
+the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of the INT8 recipe.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from monailabel_app.lib.model_store import MODEL_SPECS, ModelFiles, NetworkCache, file_version  # noqa: E402
+from networks.isa import cpu_best_isa  # noqa: E402
 
 logger = logging.getLogger("train_bundled")
 
@@ -160,6 +162,47 @@ def train_family(recipe: Recipe, work: Path, quick: bool, seed: int) -> dict[str
     return stats
 
 
+def requantize_family(recipe: Recipe, bundled: Path, work: Path, seed: int) -> dict[str, Any]:
+    """Re-quantise the bundled FP32 weights of one family without training, exactly as a training run ends
+    (calibration slices of the training datastore with the checkpoint's own preprocessing, then
+    ``publish_trained``); the FP32 weights are published unchanged. Returns ``{"published": ...}``."""
+    from networks.checkpoint import load_checkpoint
+
+    from monailabel_app.lib.preprocess import Preprocessing
+    from monailabel_app.lib.trainers.common import calibration_slices, publish_trained
+
+    spec = MODEL_SPECS[recipe.family]
+    if not spec.int8:
+        raise ValueError(f"{recipe.family} has no INT8 variant to re-quantise")
+    model, metadata = load_checkpoint(bundled / ModelFiles(recipe.family, str(bundled), str(bundled)).filename("fp32"))
+    app_meta = dict(metadata["app"])
+    train_dir, _ = build_datastores(work, recipe.organs)
+    store = _datastore(train_dir)
+    datalist = [
+        {"image": store.get_image_uri(i), "label": store.get_label_uri(i, "final")}
+        for i in sorted(store.get_labeled_images())
+    ]
+    labels = {organ: i + 1 for i, organ in enumerate(recipe.organs)}
+    prep = Preprocessing.from_dict(app_meta["preprocess"])
+    calibration, used = calibration_slices(datalist, prep, list(labels.values()), n_slices=32, seed=seed)
+    app_meta["calibration"] = {
+        "slices": sum(len(b) for b in calibration),
+        "images": [os.path.basename(p) for p in used],
+    }
+    files = ModelFiles(recipe.family, str(work / "no_bundled_weights"), str(work / "models"))
+    published = publish_trained(
+        spec,
+        files,
+        model,
+        metadata["factory_name"],
+        metadata["factory_kwargs"],
+        app_meta,
+        calibration,
+        f"requantize-{int(time.time())}",
+    )
+    return {"published": published}
+
+
 def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int]):
     from monailabel_app.lib.infers.classification import ClassificationInfer
     from monailabel_app.lib.infers.segmentation import SegmentationInfer
@@ -268,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs per family (a smoke test)")
+    parser.add_argument(
+        "--requantize",
+        action="store_true",
+        help="do not train: re-quantise the FP32 weights already in --out (INT8 families) and re-evaluate them",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -275,10 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in families if f not in RECIPES]
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {list(RECIPES)}")
+    if args.requantize:
+        families = [f for f in families if MODEL_SPECS[f].int8]
     work = Path(args.work).resolve()
     shutil.rmtree(work / "models", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    notes = Path(args.out).resolve() / "bundled_weights.json"
+    previous_report = json.loads(notes.read_text()) if notes.exists() else {}
 
     report: dict[str, Any] = {
         "command": "python -m monailabel_app.train_bundled " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -295,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for family in families:
         recipe = RECIPES[family]
-        logger.info(f"=== training {family} on {TRAIN_IMAGES} ({recipe.organs}) ===")
-        stats = train_family(recipe, work, args.quick, args.seed)
+        if args.requantize:
+            logger.info(f"=== re-quantising the bundled {family} ===")
+            stats = requantize_family(recipe, Path(args.out).resolve(), work, args.seed)
+        else:
+            logger.info(f"=== training {family} on {TRAIN_IMAGES} ({recipe.organs}) ===")
+            stats = train_family(recipe, work, args.quick, args.seed)
         _, held_dir = build_datastores(work, recipe.organs)
         train_dir, _ = build_datastores(work, recipe.organs)
         if MODEL_SPECS[family].task == "classification":
@@ -305,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             held_out = evaluate_segmentation(family, work, held_dir)
             training = evaluate_segmentation(family, work, train_dir)
-        report["families"][family] = {
+        entry = {
             # per family: a run of some families keeps the others' entries (merged below) and their own commands
             "command": report["command"],
             "threads": args.threads,
@@ -317,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             "held_out": held_out,
             "training_images": training,
         }
+        if args.requantize:  # the training facts stay those of the run that made the FP32 weights
+            trained = previous_report.get("families", {}).get(family, {})
+            entry.update({key: trained.get(key) for key in ("command", "request", "train_seconds", "final_train_metric")})
+            entry["requantized"] = {"command": report["command"], "machine_isa": cpu_best_isa()}
+        report["families"][family] = entry
         logger.info(f"{family}: held-out {json.dumps(held_out)}")
     report["files"] = publish_bundle(work, Path(args.out).resolve(), families)
     report["total_seconds"] = round(time.time() - started, 1)
-    notes = Path(args.out).resolve() / "bundled_weights.json"
-    previous = json.loads(notes.read_text()) if notes.exists() else {}
+    previous = previous_report
     if previous and set(families) != set(previous.get("families", {})):
         merged_families = dict(previous.get("families", {}))
         merged_families.update(report["families"])
