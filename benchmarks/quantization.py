@@ -1,6 +1,7 @@
 """INT8 vs FP32 benchmark: latency, file size and prediction agreement of the quantised networks.
 
     python -m benchmarks.quantization [--quick] [--repeats N] [--out results.json] [--compile auto|all|off]
+                                      [--isa native,avx2]
 
 In one process with ``torch.set_num_threads(2)`` it measures, per network, the median latency of
 
@@ -10,8 +11,13 @@ In one process with ``torch.set_num_threads(2)`` it measures, per network, the m
   only for networks without local self-attention and not with ``--quick`` (see ``COMPILE_NOTE``);
 - ``int8``: the INT8 TorchScript artifact (quantised projections/convs, fused INT8 attention core);
 
-``fp32_best`` is the faster of the fused artifact and torch.compile. Candidates are timed interleaved (one call of
-each per round, rotating the order) so load from other processes hits all of them alike.
+``fp32_best`` is the fastest FP32 path measured in the run (eager, the fused artifact, torch.compile where run), so it
+is never slower than eager. Candidates are timed interleaved (one call of each per round, rotating the order) so load
+from other processes hits all of them alike.
+
+``--isa native,avx2`` runs the whole benchmark once per CPU instruction-set class in a child process that forces it
+(FBGEMM, ATen and our kernels; :mod:`networks.isa`) and prints both side by side with the ratio of their times;
+``_run.isa`` says which class a run used.
 
 Sizes: INT8 artifact file / FP32 state-dict file. Agreement: argmax Dice (foreground) and max abs logit difference
 of the INT8 artifact vs the FP32 network on held-out real CT slices (example_ct), with weights trained briefly on the
@@ -52,7 +58,7 @@ import torch  # noqa: E402
 
 THREADS = 2
 
-TARGETS = {  # SaDNN-seg targets of the project
+TARGETS = {  # SaDNN-seg targets of the project (AVX2 class; on AVX-512 VNNI INT8 must reach 0.2x eager)
     "int8_over_fp32_eager": 0.33,
     "int8_over_fp32_best": 0.67,
     "size_ratio": 0.27,
@@ -253,7 +259,7 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
     medians = interleaved_medians(candidates, repeats)
     for name, value in medians.items():
         result[f"{name}_ms"] = value
-    fp32_paths = {name: medians[name] for name in ("fp32_fused_script", "fp32_compile") if name in medians}
+    fp32_paths = {name: medians[name] for name in ("fp32_eager", "fp32_fused_script", "fp32_compile") if name in medians}
     best = min(fp32_paths, key=fp32_paths.get)
     result.update(
         fp32_best_ms=fp32_paths[best],
@@ -272,11 +278,14 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
     log(f"{spec.key}: agreement on trained weights ({spec.agreement_config})")
     result.update(agreement_on_trained(spec.agreement_config, workdir))
     if spec.key == "sadnn_seg":
+        targets = dict(TARGETS)
+        if isa_report()["isa"] == "avx512_vnni":  # VNNI's exact 4-way u8 x s8 dot products: the stricter target
+            targets["int8_over_fp32_eager"] = 0.2
         result["targets"] = {
             name: {"target": limit, "value": result[name], "met": bool(result[name] <= limit)}
             if name != "agreement_dice"
             else {"target": limit, "value": result[name], "met": bool(result[name] >= limit)}
-            for name, limit in TARGETS.items()
+            for name, limit in targets.items()
         }
     log(
         f"{spec.key}: eager {medians['fp32_eager']:.0f} ms, best FP32 {fp32_paths[best]:.0f} ms ({best}), "
@@ -304,9 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         help="subset of sadnn_seg sadnn_cls unet_baseline hct scopeformer patchconvnet",
     )
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--isa",
+        default=None,
+        help="comma list of instruction-set classes to run side by side, e.g. native,avx2 (one child process each)",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.isa:
+        return compare_isas(args, list(sys.argv[1:] if argv is None else argv))
     repeats = args.repeats or (3 if args.quick else 5)
     specs = QUICK_SPECS if args.quick else FULL_SPECS
     if args.models:
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             results[spec.key] = bench_model(spec, repeats, compile_mode, Path(tmp))
     results["_run"] = {
+        **isa_report(),
         "quick": bool(args.quick),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
@@ -339,6 +356,60 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - run_start,
     }
     text = json.dumps(results, indent=2, default=float)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
+def isa_report() -> dict[str, Any]:
+    """Which instruction-set class this process runs (our kernels, FBGEMM, ATen), for the JSON's ``_run``."""
+    from networks.isa import cpu_best_isa, fbgemm_saturates, requested_isa
+
+    return {
+        "isa": requested_isa(),
+        "cpu_best_isa": cpu_best_isa(),
+        "fbgemm_saturates": fbgemm_saturates(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "forced": {k: os.environ.get(k) for k in ("MEDATTN_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")},
+    }
+
+
+def compare_isas(args: argparse.Namespace, argv: list[str]) -> int:
+    """The benchmark once per class of ``--isa``, then the classes side by side (time ratios against the first)."""
+    from benchmarks.isa_runs import parse_isas, run_per_isa, strip_option
+
+    try:
+        isas = parse_isas(args.isa)
+    except ValueError as err:
+        print(f"--isa: {err}", file=sys.stderr)
+        return 2
+    runs = run_per_isa("benchmarks.quantization", strip_option(strip_option(argv, "--isa"), "--out"), isas)
+    first = isas[0]
+    side_by_side: dict[str, Any] = {}
+    for key, result in runs[first].items():
+        if key.startswith("_"):
+            continue
+        row: dict[str, Any] = {}
+        for isa in isas:
+            other = runs[isa][key]
+            row[isa] = {name: other[name] for name in (
+                "fp32_eager_ms", "fp32_best_ms", "fp32_best_path", "int8_ms", "int8_over_fp32_eager",
+                "int8_over_fp32_best", "agreement_dice",
+            )}
+            if isa != first:
+                row[isa]["int8_ms_over_" + first] = other["int8_ms"] / result["int8_ms"]
+        side_by_side[key] = row
+        log(
+            f"{key}: "
+            + "; ".join(
+                f"{isa} INT8 {row[isa]['int8_ms']:.0f} ms = {row[isa]['int8_over_fp32_eager']:.2f}x eager, "
+                f"{row[isa]['int8_over_fp32_best']:.2f}x best FP32, agreement {row[isa]['agreement_dice']:.4f}"
+                for isa in isas
+            )
+        )
+    text = json.dumps({"isas": isas, "side_by_side": side_by_side, "runs": runs}, indent=2, default=float)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
