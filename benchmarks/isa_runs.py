@@ -31,11 +31,13 @@ def parse_isas(text: str) -> list[str]:
 
 
 def run_per_isa(module: str, argv: list[str], isas: list[str]) -> dict[str, Any]:
-    """``python -m module *argv --out FILE`` once per class in ``isas``; returns ``{isa: that run's JSON}``.
+    """``python -m module *argv --out FILE`` once per class in ``isas`` (``argv`` without its own ``--isa`` and
+    ``--out``); returns ``{isa: that run's JSON}``.
 
     Raises:
         RuntimeError: a child failed (its exit code and the end of its stderr are in the message).
     """
+    argv = _strip_option(_strip_option(argv, "--isa"), "--out")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="medattn_isa_runs_") as tmp:
         for isa in isas:
@@ -55,7 +57,7 @@ def run_per_isa(module: str, argv: list[str], isas: list[str]) -> dict[str, Any]
     return results
 
 
-def strip_option(argv: list[str], option: str) -> list[str]:
+def _strip_option(argv: list[str], option: str) -> list[str]:
     """``argv`` without ``option`` and its value (``--isa x`` or ``--isa=x``)."""
     kept: list[str] = []
     skip = False

@@ -322,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.isa:
-        return compare_isas(args, list(sys.argv[1:] if argv is None else argv))
+        from benchmarks.isa_runs import parse_isas
+
+        try:
+            isas = parse_isas(args.isa)
+        except ValueError as err:
+            parser.error(f"--isa: {err}")
+        return compare_isas(isas, args.out, list(sys.argv[1:] if argv is None else argv))
     repeats = args.repeats or (3 if args.quick else 5)
     specs = QUICK_SPECS if args.quick else FULL_SPECS
     if args.models:
@@ -376,16 +382,11 @@ def isa_report() -> dict[str, Any]:
     }
 
 
-def compare_isas(args: argparse.Namespace, argv: list[str]) -> int:
+def compare_isas(isas: list[str], out: str | None, argv: list[str]) -> int:
     """The benchmark once per class of ``--isa``, then the classes side by side (time ratios against the first)."""
-    from benchmarks.isa_runs import parse_isas, run_per_isa, strip_option
+    from benchmarks.isa_runs import run_per_isa
 
-    try:
-        isas = parse_isas(args.isa)
-    except ValueError as err:
-        print(f"--isa: {err}", file=sys.stderr)
-        return 2
-    runs = run_per_isa("benchmarks.quantization", strip_option(strip_option(argv, "--isa"), "--out"), isas)
+    runs = run_per_isa("benchmarks.quantization", argv, isas)
     first = isas[0]
     side_by_side: dict[str, Any] = {}
     for key, result in runs[first].items():
@@ -410,9 +411,9 @@ def compare_isas(args: argparse.Namespace, argv: list[str]) -> int:
             )
         )
     text = json.dumps({"isas": isas, "side_by_side": side_by_side, "runs": runs}, indent=2, default=float)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     print(text, flush=True)
     return 0
 

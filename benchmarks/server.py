@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isa", default=None, help="comma list of instruction-set classes side by side (native,avx2)")
     args = parser.parse_args(argv)
     if args.isa:
-        return compare_isas(args, list(sys.argv[1:] if argv is None else argv))
+        from benchmarks.isa_runs import parse_isas
+
+        try:
+            isas = parse_isas(args.isa)
+        except ValueError as err:
+            parser.error(f"--isa: {err}")
+        return compare_isas(isas, args.out, list(sys.argv[1:] if argv is None else argv))
     from networks.isa import cpu_best_isa, requested_isa
 
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
@@ -168,23 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_isas(args: argparse.Namespace, argv: list[str]) -> int:
+def compare_isas(isas: list[str], out: str | None, argv: list[str]) -> int:
     """The benchmark once per class of ``--isa``; prints each class's summary and the ratios to the first."""
-    from benchmarks.isa_runs import parse_isas, run_per_isa, strip_option
+    from benchmarks.isa_runs import run_per_isa
 
-    try:
-        isas = parse_isas(args.isa)
-    except ValueError as err:
-        print(f"--isa: {err}", file=sys.stderr)
-        return 2
-    runs = run_per_isa("benchmarks.server", strip_option(strip_option(argv, "--isa"), "--out"), isas)
+    runs = run_per_isa("benchmarks.server", argv, isas)
     summaries = {isa: run["summary"] for isa, run in runs.items()}
     first = summaries[isas[0]]
     for isa in isas[1:]:
         summaries[isa]["int8_total_over_" + isas[0]] = round(summaries[isa]["int8_total_s"] / first["int8_total_s"], 4)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"isas": isas, "summaries": summaries, "runs": runs}, indent=2) + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"isas": isas, "summaries": summaries, "runs": runs}, indent=2) + "\n")
     print(json.dumps({"isas": isas, "summaries": summaries}))
     return 0
 
