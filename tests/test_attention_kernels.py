@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 import networks.kernels
 from networks.blocks.local_self_attention import local_attention_torch
+from networks.isa import cpu_best_isa, requested_isa
 from networks.kernels import (
-    _library,
     build_kernels,
     kernel_implementations,
     kernel_library_path,
@@ -40,10 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The code path this CPU should get, derived from /proc/cpuinfo independently of the library's CPUID check, and every
 # path it can run (each is tested against the references).
 ISA_ORDER = ("portable", "avx2", "avx512_vnni")
-EXPECTED_ISA = _library.cpu_isa_from_flags()
+EXPECTED_ISA = cpu_best_isa()
 CPU_ISAS = ISA_ORDER[: ISA_ORDER.index(EXPECTED_ISA) + 1]
 # what the public ops run in this process (MEDATTN_ISA may force a lower path, e.g. `make test-avx2`)
-SELECTED_ISA = EXPECTED_ISA if os.environ.get("MEDATTN_ISA", "") in ("", "native") else os.environ["MEDATTN_ISA"]
+SELECTED_ISA = requested_isa()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -76,27 +76,6 @@ def library_path() -> Path:
     return cache_root() / key / f"{LIBRARY_NAME}.so"
 
 
-def cpu_isa_from_flags(flags: set[str] | None = None) -> str:
-    """The code path this CPU gets, from the ``/proc/cpuinfo`` flags (an independent cross-check of CPUID)."""
-    if flags is None:
-        flags = set()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-                for line in cpuinfo:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-    # Linux spells VBMI "avx512vbmi" (but "avx512_vnni", "avx512_vbmi2"); accept either spelling
-    has_vbmi = bool({"avx512vbmi", "avx512_vbmi"} & flags)
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags and has_vbmi:
-        return "avx512_vnni"
-    if {"avx2", "fma"} <= flags:
-        return "avx2"
-    return "portable"
-
-
 _BUILD_SCRIPT = """
 import json, sys
 from torch.utils.cpp_extension import load

@@ -20,6 +20,17 @@ else:  # run as a script: networks/kernels/build.py
     import _library  # type: ignore[import-not-found,no-redef]
 
 
+def _cpu_best_isa() -> str:
+    """networks/isa.py's answer, loaded by path: importing the ``networks`` package would import torch (seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_medattn_isa", Path(__file__).resolve().parents[1] / "isa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cpu_best_isa()
+
+
 def _load_and_check(path: str) -> dict:
     """Load the library in this process, run both cores once and return what ``implementations()`` reports."""
     import warnings
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medattn kernels: this CPU runs the {implementations['selected_isa']} code path (available: "
               f"{', '.join(implementations['available_isas'])})")
     else:
-        print(f"medattn kernels: this CPU gets the {_library.cpu_isa_from_flags()} code path (from /proc/cpuinfo; "
+        print(f"medattn kernels: this CPU gets the {_cpu_best_isa()} code path (from /proc/cpuinfo; "
               f"MEDATTN_ISA=avx2|portable forces a lower one)")
     return 0
 
