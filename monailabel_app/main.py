@@ -45,7 +45,8 @@ from monailabel_app.lib.infers.classification import ClassificationInfer  # noqa
 from monailabel_app.lib.infers.segmentation import SegmentationInfer  # noqa: E402
 from monailabel_app.lib.model_cards import ModelCards  # noqa: E402
 from monailabel_app.lib.model_store import NetworkCache  # noqa: E402
-from monailabel_app.lib.request_guard import install_request_guard  # noqa: E402
+from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
+from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -204,11 +205,18 @@ class MedAttnSlicerApp(MONAILabelApp):
         image_id = None
         if isinstance(image, str):
             if not image:
-                raise BadInputError("no image given: pass a datastore image id or upload a file.")
+                raise BadInputError(
+                    "missing query parameter 'image': pass a datastore image id (GET /datastore/?output=all lists "
+                    "them) or upload the image file in the multipart field 'file'."
+                )
             if not os.path.exists(image):
                 if not datastore.get_image_uri(image):
-                    raise NotFoundError(f"image {image!r} is not in the datastore.")
+                    raise NotFoundError(unknown_image_message(image, datastore.list_images()))
                 image_id = image
+            else:
+                note_upload(image, "file")
+        if isinstance(request.get("label"), str) and os.path.exists(request["label"]):
+            note_upload(request["label"], "label")
         request = dict(request)
         cleanup: list[str] = []
         try:
@@ -287,7 +295,12 @@ class MedAttnSlicerApp(MONAILabelApp):
         super().on_init_complete()
         self._warn_if_public()
         install_request_guard(
-            {"train": lambda: set(self._trainers), "scoring": lambda: set(self._scoring_methods)}
+            {
+                "train": lambda: set(self._trainers),
+                "scoring": lambda: set(self._scoring_methods),
+                "images": lambda: set(self.datastore().list_images()),
+                "missing_image": lambda image: unknown_image_message(image, self.datastore().list_images()),
+            }
         )
         self._warmup_thread = threading.Thread(target=self._warm_up, name="warmup", daemon=True)
         self._warmup_thread.start()

@@ -16,6 +16,11 @@ Studies:
                       y axis and is resampled onto the series grid in physical space (nearest neighbour)
     CTChest4          slicerio's chest CT, unlabeled (its Slicer segmentation has no liver); segment names in notes
 
+``datastore_notes.json`` ``training`` says which labelled images training must not use (the MedAttnSlicer app's
+``/train`` reads it): ``exclude`` ``{image id: why}`` (example_ct_dicom, held out), ``validate_on`` (the held-out
+images the validation metric is computed on) and ``derived_from`` (example_ct_sm, a crop of example_ct: left out
+whenever example_ct is in the datastore too). They stay labelled, for evaluation.
+
 All labels are TotalSegmentator model outputs (regression references of its test suite), not manual ground truth.
 Files are written through a hidden staging folder and ``os.replace``; an existing file under ``labels/final``
 (e.g. a label a user saved from Slicer) is kept unless ``force=True``.
@@ -46,6 +51,18 @@ logger = logging.getLogger(__name__)
 
 STUDY_IDS: tuple[str, ...] = ("example_ct", "example_ct_sm", "example_mr_sm", "example_ct_dicom", "CTChest4")
 NOTES_FILENAME = "datastore_notes.json"
+# labelled images that training must never use, kept labelled for evaluation (notes "training"): the held-out image
+# always, a derived image whenever the image it was derived from is in the datastore too
+HELD_OUT_IMAGES: dict[str, str] = {
+    "example_ct_dicom": "held out: another patient (the DICOM series), the image the READMEs report held-out quality on",
+}
+DERIVED_IMAGES: dict[str, tuple[str, str]] = {
+    "example_ct_sm": (
+        "example_ct",
+        "a 30-slice crop of example_ct (slices 82..111): training on it trains on example_ct again, and validating "
+        "on it validates on training data",
+    ),
+}
 LABELS_ARE = (
     "TotalSegmentator model outputs kept as regression references in TotalSegmentator's test suite "
     "(tests/reference_files); they are NOT manual ground truth."
@@ -168,6 +185,21 @@ def _load_studies(sample: SampleData, wanted: Sequence[str]) -> list[_Study]:
     loaders["example_ct_dicom"] = dicom
     loaders["CTChest4"] = ct_chest4
     return [loaders[image_id]() for image_id in wanted]
+
+
+def _training_roles(labeled_ids: Sequence[str]) -> dict:
+    """The notes' ``training`` entry: labelled images excluded from training, and those validated on."""
+    return {
+        "exclude": {i: why for i, why in HELD_OUT_IMAGES.items() if i in labeled_ids},
+        "validate_on": [i for i in HELD_OUT_IMAGES if i in labeled_ids],
+        "derived_from": {
+            i: {"source": source, "why": why} for i, (source, why) in DERIVED_IMAGES.items() if i in labeled_ids
+        },
+        "note": "labelled for evaluation, never trained on: the MedAttnSlicer app's /train leaves 'exclude' out of "
+        "training and computes its validation metric on 'validate_on'; a 'derived_from' image is left out of "
+        "training and validation whenever its source image is labelled in the same datastore. Edit this entry to "
+        "change that.",
+    }
 
 
 def _organ_label(study: _Study, organ_values: Sequence[int]) -> sitk.Image:
@@ -361,6 +393,7 @@ def build_datastore(
             "images": notes_images,
             "skipped_images": skipped,
             "relations": [_slab_relation(sample, names, lookup["total"])],
+            "training": _training_roles(labeled_ids),
             "unlabeled_reference_segmentations": {
                 "CTChest4": {
                     "file": f"{SLICERIO.cache_dir}/{sample.ct_chest4_segmentation.name}",

@@ -63,8 +63,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+_PRISTINE: Path | None = None
+
+
+def _pristine_sample_datastore() -> Path:
+    """The sample liver datastore built afresh by this test process into a temporary folder (once; ~3 s), never
+    ``.data/datastore/liver``, which ``make serve`` users write labels and images into."""
+    global _PRISTINE
+    if _PRISTINE is None or not _PRISTINE.is_dir():
+        import atexit
+
+        from sample_data import build_datastore
+
+        root = Path(tempfile.mkdtemp(prefix="medattn_pristine_datastore_"))
+        atexit.register(shutil.rmtree, root, True)
+        _PRISTINE = Path(build_datastore(("liver",), root / "liver").path)
+    return _PRISTINE
+
+
 def copy_sample_datastore(destination: str | os.PathLike, images: Sequence[str] | None = None) -> Path:
-    """Copy the sample liver datastore (``python -m sample_data``; fetched and built if needed) to ``destination``.
+    """Copy the sample liver datastore (built by :mod:`sample_data` from the fetched sample data into a private
+    temporary folder, not the user's ``.data/datastore/liver``) to ``destination``.
 
     Args:
         destination: new folder (must not exist or be empty).
@@ -73,9 +92,7 @@ def copy_sample_datastore(destination: str | os.PathLike, images: Sequence[str] 
     Returns:
         the copy, ready to pass as ``--studies``.
     """
-    from sample_data import build_datastore
-
-    source = Path(build_datastore(("liver",)).path)
+    source = _pristine_sample_datastore()
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     (destination / "labels" / "final").mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AppConfig", "parse_labels", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
+__all__ = ["AppConfig", "parse_labels", "default_model_dir", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ CONF_HELP = {
     "and/or model names (" + ", ".join(MODEL_NAMES) + ")",
     "labels": "segmentation labels and their datastore values: 'liver' (default), 'liver,spleen' (values 1, 2), "
     "'liver=5,spleen=1', or a JSON object",
-    "model_dir": "folder trained weights are published to (default <app>/model/trained); bundled weights stay in "
-    "<app>/model",
+    "model_dir": "folder for what the server writes: trained weights, training runs, model-card cache (default "
+    "$MEDATTN_DATA_DIR/trained, i.e. <repo>/.data/trained, git-ignored); bundled weights stay in <app>/model",
     "modality": "'auto' (default: CT when the image holds air below -500 HU), 'ct' or 'mr'",
     "preload": "'true' to load every network at start-up (default false: on first use, warmed up in the background)",
     "batch_size": "slices per network call (default 16)",
@@ -81,6 +81,14 @@ def parse_labels(text: str | dict | None) -> dict[str, int]:
     return labels
 
 
+def default_model_dir() -> str:
+    """Where the server writes by default (trained weights, ``runs/``, ``.model_cards.json``): ``trained`` in the
+    sample-data cache (``$MEDATTN_DATA_DIR``, default ``<repo>/.data``), outside the source tree and git-ignored."""
+    from sample_data.paths import default_data_dir
+
+    return str(default_data_dir() / "trained")
+
+
 def _flag(value: Any, default: bool) -> bool:
     if value is None or value == "":
         return default
@@ -115,7 +123,13 @@ class AppConfig:
         if modality not in ("auto", "ct", "mr"):
             raise ValueError(f"--conf modality must be auto, ct or mr, got {modality!r}.")
         bundled = os.path.join(app_dir, "model")
-        model_dir = conf.get("model_dir") or os.path.join(bundled, "trained")
+        model_dir = conf.get("model_dir") or default_model_dir()
+        legacy = os.path.join(bundled, "trained")
+        if not conf.get("model_dir") and os.path.isdir(legacy) and any(f.endswith(".pt") for f in os.listdir(legacy)):
+            logger.warning(
+                f"{legacy} holds weights trained by an earlier version; they are no longer served by default "
+                f"(trained weights now go to {model_dir}): move them there or pass --conf model_dir {legacy}"
+            )
         threads = conf.get("threads")
         return cls(
             app_dir=app_dir,

@@ -9,8 +9,8 @@ Every model *family* (``sadnn_seg``, ``unet_seg``, ``sadnn_cls``, ``hct_cls``, `
 - ``<family>_int8.pt``: INT8 TorchScript artifact (:mod:`networks.quantization`), when the family has one.
 
 Two folders are searched, MONAI Label style (the last existing one is the latest): the bundled weights in the app
-folder (``monailabel_app/model``) and the trained weights (``--conf model_dir``, default
-``monailabel_app/model/trained``). Training publishes into the trained folder only, so bundled weights are never
+folder (``monailabel_app/model``) and the trained weights (``--conf model_dir``, default ``.data/trained``
+outside the source tree: see :func:`monailabel_app.lib.app_config.default_model_dir`). Training publishes into the trained folder only, so bundled weights are never
 overwritten and a failed run leaves whatever was served before.
 
 Metadata every published file carries (``metadata["app"]``): ``labels`` ({name: class index}), ``preprocess``

@@ -47,7 +47,9 @@ class TrainProgress:
     Fields: ``status`` (RUNNING, QUANTIZING, PUBLISHED, FAILED), ``run_id``, ``epoch``, ``total_epochs``,
     ``iteration`` (in the epoch), ``epoch_length``, ``loss``, ``best_metric`` (validation metric, Dice for
     segmentation and F1 = Dice of the presence decisions for classification), ``best_metric_epoch``,
-    ``metric_name``, ``train_metric``, ``elapsed_s`` and, once published, ``published``.
+    ``metric_name``, ``train_metric``, ``elapsed_s``, what the run uses (``train_images``, ``val_images``,
+    ``excluded_images`` ``{id: why}``, ``metric_note``: what the validation metric is computed on) and, once
+    published, ``published``.
     """
 
     def __init__(self, stats_path: str, task: str, run_id: str, total_epochs: int, metric_name: str) -> None:

@@ -35,6 +35,7 @@ from monailabel_app.lib.image_io import read_header
 from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
 from monailabel_app.lib.preprocess import DEFAULT_SLICE_PREPROCESSING, DEFAULT_VOLUME_PREPROCESSING, Preprocessing
 from monailabel_app.lib.trainers.common import TrainProgress, calibration_slices, initial_network, publish_trained
+from monailabel_app.lib.trainers.datalist import image_id_of, read_training_roles, split_datalist
 
 __all__ = ["SegmentationTrain", "intensity_augmentation"]
 
@@ -139,6 +140,8 @@ class SegmentationTrain(BasicTrainTask):
         return DEFAULT_SLICE_PREPROCESSING if self.spec.spatial_dims == 2 else DEFAULT_VOLUME_PREPROCESSING
 
     def pre_process(self, request, datastore: Datastore):
+        # the datastore's notes may hold labelled images out of training (held out / derived): partition_datalist
+        request["_studies_dir"] = getattr(datastore, "_datastore_path", None)
         datalist = []
         for item in datastore.datalist():
             dims = read_header(item["image"]).dims
@@ -281,9 +284,35 @@ class SegmentationTrain(BasicTrainTask):
         return None
 
     def partition_datalist(self, context: Context, shuffle=False):
+        """Train on the labelled images the datastore's notes do not exclude, validate on its held-out images
+        (``datastore_notes.json`` ``training``, see :mod:`.datalist`); without such notes MONAI Label's
+        ``val_split`` partition. ``context.metric_note`` says what the validation metric is computed on."""
+        request = context.request
+        context.excluded_images = {}
+        split = None
+        if not request.get("val_ds") and not request.get("train_ds"):
+            roles = read_training_roles(request.get("_studies_dir"))
+            split = split_datalist(context.datalist, roles, float(request.get("val_split", 0.0) or 0.0))
+        if split is not None:
+            train, val, context.excluded_images, context.metric_note = split
+            if not train:
+                raise ConflictError(
+                    "no labelled image left to train on: the datastore's notes (datastore_notes.json 'training') "
+                    f"exclude {sorted(context.excluded_images)}; label another image."
+                )
+            logger.info(f"Total Records for Training: {len(train)}; Validation: {len(val)}; {context.metric_note}")
+            return train, val
         train, val = super().partition_datalist(context, shuffle=shuffle)
         if not train:  # a single labelled volume: train on it, validate on it too
             train = val
+            context.metric_note = "one labelled image: validated on the image it is trained on"
+        elif val:
+            context.metric_note = (
+                f"validation metric computed on {', '.join(image_id_of(d['image']) for d in val)}, a val_split "
+                "share of the labelled images, not trained on"
+            )
+        else:
+            context.metric_note = "no validation split: the metric is the training metric, on the training images"
         return train, val
 
     # ----- run -----
@@ -294,6 +323,17 @@ class SegmentationTrain(BasicTrainTask):
             self.stats_path, self.spec.family, context.run_id, context.max_epochs, metric
         )
         context.progress.attach(context.trainer, context.evaluator)
+        context.progress.write(**self._data_roles(context))
+
+    @staticmethod
+    def _data_roles(context: Context) -> dict[str, Any]:
+        """What a run trained and validated on (train stats and checkpoint metadata)."""
+        return {
+            "train_images": [image_id_of(d["image"]) for d in context.train_datalist],
+            "val_images": [image_id_of(d["image"]) for d in context.val_datalist] if context.evaluator else [],
+            "excluded_images": dict(getattr(context, "excluded_images", {}) or {}),
+            "metric_note": getattr(context, "metric_note", None),
+        }
 
     def train(self, rank, world_size, request, datalist):
         request = dict(request)
@@ -328,7 +368,7 @@ class SegmentationTrain(BasicTrainTask):
         prep = self._prep(context)
         factory_name, factory_kwargs, start_meta = context.factory
         calibration, used = calibration_slices(
-            datalist,
+            context.train_datalist,  # never the held-out / excluded images
             prep,
             list(self.app_labels.values()),
             n_slices=int(context.request.get("calibration_slices", 32)),
@@ -345,7 +385,9 @@ class SegmentationTrain(BasicTrainTask):
                 "epochs": stats.get("epoch"),
                 self.BEST_METRIC_KEY: stats.get("best_metric"),
                 "train_images": [os.path.basename(d["image"]) for d in context.train_datalist],
-                "val_images": [os.path.basename(d["image"]) for d in context.val_datalist],
+                "val_images": [os.path.basename(d["image"]) for d in context.val_datalist] if context.evaluator else [],
+                "excluded_images": dict(getattr(context, "excluded_images", {}) or {}),
+                "metric_note": getattr(context, "metric_note", None),
                 "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
             },
             "calibration": {"slices": sum(len(b) for b in calibration), "images": [os.path.basename(p) for p in used]},
