@@ -125,7 +125,10 @@ class _ActivationRange:
     """MinMax range of the float tensors seen at one point of the network during calibration."""
 
     def __init__(self, reduce_range: bool) -> None:
-        self.observer = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+        # 7 bits as quant_max=127 (MinMaxObserver's own reduce_range flag is deprecated)
+        self.observer = MinMaxObserver(
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=127 if reduce_range else 255
+        )
         self.calls = 0
 
     def observe(self, tensor: torch.Tensor) -> None:
