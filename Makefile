@@ -13,11 +13,11 @@ setup:
 data: setup
 	$(PY) -m sample_data
 
-# the MONAI Label server on the sample liver datastore, every model, bound to 127.0.0.1 (monailabel's launcher runs
+# the MONAI Label server on the sample liver datastore, every model at or above its quality floor, bound to 127.0.0.1 (monailabel's launcher runs
 # "python" from PATH: the venv's)
 serve: data
 	PATH="$(CURDIR)/.venv/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" .venv/bin/monailabel start_server \
-		--app monailabel_app --studies .data/datastore/liver --conf models all --host $(HOST) --port $(PORT)
+		--app monailabel_app --studies .data/datastore/liver --host $(HOST) --port $(PORT)
 
 # retrain the weights bundled in monailabel_app/model (fixed seeds; writes bundled_weights.json with held-out Dice)
 .PHONY: weights

@@ -45,6 +45,7 @@ from monailabel_app.lib.infers.classification import ClassificationInfer  # noqa
 from monailabel_app.lib.infers.segmentation import SegmentationInfer  # noqa: E402
 from monailabel_app.lib.model_cards import ModelCards  # noqa: E402
 from monailabel_app.lib.model_store import NetworkCache  # noqa: E402
+from monailabel_app.lib.quality import bundled_quality  # noqa: E402
 from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
 from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
@@ -127,17 +128,30 @@ class MedAttnSlicerApp(MONAILabelApp):
         return None
 
     def default_model(self) -> str | None:
-        """The model clients should pick first: the first valid of INT8 SaDNN-seg, FP32 SaDNN-seg, the UNet..."""
+        """The model clients should pick first: the first valid of INT8 SaDNN-seg, FP32 SaDNN-seg, the UNet...;
+        never one whose bundled weights are below their quality floor."""
         for name in _DEFAULT_ORDER:
             task = self._infers.get(name)
-            if task is not None and task.is_valid():
+            if task is not None and task.is_valid() and not self._experimental(name):
                 return name
         return None
+
+    def _preferred_segmentation(self, seg: dict[str, SegmentationInfer]) -> str | None:
+        """The segmentation model strategies and scoring use: the first in the default order, not experimental."""
+        return next((n for n in _DEFAULT_ORDER if n in seg and not self._experimental(n, seg[n])), None)
+
+    def _quality(self, name: str, task: AppInferTask | None = None) -> dict[str, Any] | None:
+        task = task or self._infers[name]
+        return bundled_quality(task.spec.family, task.spec.task, self.app_config.bundled_dir)
+
+    def _experimental(self, name: str, task: AppInferTask | None = None) -> bool:
+        quality = self._quality(name, task)
+        return bool(quality and quality["experimental"])
 
     def init_strategies(self) -> dict[str, Strategy]:
         strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
         seg = self._segmentation_tasks()
-        default = next((n for n in _DEFAULT_ORDER if n in seg), None)
+        default = self._preferred_segmentation(seg)
         if default:
             strategies["tta_uncertainty"] = TTAUncertainty(seg[default])
         pair = self._twin_pair()
@@ -148,7 +162,7 @@ class MedAttnSlicerApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         methods: dict[str, ScoringMethod] = {}
         seg = self._segmentation_tasks()
-        default = next((n for n in _DEFAULT_ORDER if n in seg), None)
+        default = self._preferred_segmentation(seg)
         if default:
             methods["over_under"] = OverUnderScoring(seg, default)
         pair = self._twin_pair()
@@ -169,6 +183,10 @@ class MedAttnSlicerApp(MONAILabelApp):
             model["default"] = name == default
             model["family"] = task.spec.family
             model["task"] = task.spec.task
+            # measured held-out quality of the bundled weights and the floor (lib/quality.py); a trained model
+            # replaces the weights, but not these figures
+            model["quality"] = self._quality(name)
+            model["experimental"] = bool(model["quality"] and model["quality"]["experimental"])
             if isinstance(task, ClassificationInfer):
                 model["explanations"] = list(task.explanations)
                 model["default_explanation"] = task.default_explanation

@@ -278,3 +278,56 @@ def test_train_never_uses_the_held_out_or_cropped_images(server: ServerHandle):
     assert set(calibration) <= {"example_ct.nii.gz", "example_mr_sm.nii.gz"}
     log = server.log_path.read_text(errors="replace")
     assert "Total Records for Training: 2; Validation: 1" in log
+
+
+# ------------------------------------------------------------------------------------------- quality floor (issue 11)
+
+
+def _bundle_with(tmp_path: Path, figures: dict[str, float]) -> Path:
+    """An app folder whose bundled_weights.json gives each segmentation family the held-out Dice in ``figures``."""
+    model = tmp_path / "app" / "model"
+    model.mkdir(parents=True)
+    families = {
+        family: {"held_out": {"example_ct_dicom": {"fp32": {"dice": dice}, "int8": {"dice": dice + 0.01}}}}
+        for family, dice in figures.items()
+    }
+    (model / "bundled_weights.json").write_text(json.dumps({"families": families, "labels_are": "model outputs"}))
+    return model.parent
+
+
+def test_models_below_the_quality_floor_are_served_only_on_request(tmp_path: Path):
+    from monailabel_app.lib.app_config import AppConfig
+    from monailabel_app.lib.quality import QUALITY_FLOORS, bundled_quality
+
+    floor = QUALITY_FLOORS["segmentation"].value
+    app = _bundle_with(tmp_path, {"sadnn_seg": floor - 0.001, "unet_seg": floor, "sadnn_seg3d": 0.9})
+    default = AppConfig.from_conf(str(app), {}).models
+    assert "sadnn_seg_int8" not in default and "sadnn_seg_fp32" not in default  # 0.001 below
+    assert {"unet_seg_int8", "unet_seg_fp32", "sadnn_seg3d_fp32", "hct_cls_int8"} <= set(default)  # at / above / none
+    assert "sadnn_seg_int8" in AppConfig.from_conf(str(app), {"models": "all"}).models
+    assert AppConfig.from_conf(str(app), {"models": "sadnn_seg"}).models == ["sadnn_seg_int8", "sadnn_seg_fp32"]
+    quality = bundled_quality("sadnn_seg", "segmentation", str(app / "model"))
+    assert quality["experimental"] and quality["worst"] == pytest.approx(floor - 0.001)
+    assert quality["values"] == pytest.approx({"fp32": floor - 0.001, "int8": floor + 0.009})
+    assert bundled_quality("hct_cls", "classification", str(app / "model")) is None  # no classification floor
+
+
+def test_bundled_3d_sadnn_is_not_served_by_default():
+    """The shipped figures: the 3D SaDNN-seg (held-out Dice 0.14, it labels most of the body) is left out of the
+    default model list; the 2D SaDNN-seg (0.84) and the UNet (0.90) are served."""
+    from monailabel_app.lib.app_config import AppConfig
+
+    models = AppConfig.from_conf(str(REPO_ROOT / "monailabel_app"), {}).models
+    assert "sadnn_seg3d_fp32" not in models
+    assert {"sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_int8", "unet_seg_fp32"} <= set(models)
+
+
+def test_info_marks_experimental_models_and_never_defaults_to_one(server: ServerHandle):
+    info = server.get("/info/").json()  # this server runs --conf models all
+    models = info["models"]
+    assert models["sadnn_seg3d_fp32"]["experimental"] is True
+    quality = models["sadnn_seg3d_fp32"]["quality"]
+    assert quality["worst"] < quality["floor"] == 0.8 and "example_ct_dicom" in quality["measured_on"]
+    assert models["sadnn_seg_int8"]["experimental"] is False and models["sadnn_seg_int8"]["quality"]["worst"] >= 0.8
+    assert models["hct_cls_int8"]["quality"] is None and models["hct_cls_int8"]["experimental"] is False
+    assert info["default_model"] == "sadnn_seg_int8"

@@ -32,8 +32,12 @@ MODEL_NAMES: dict[str, tuple[str, str]] = {
 FAMILY_OF = {name: family for name, (family, _) in MODEL_NAMES.items()}
 
 CONF_HELP = {
-    "models": "'all' (default) or a comma list of families (" + ", ".join(dict.fromkeys(FAMILY_OF.values())) + ") "
-    "and/or model names (" + ", ".join(MODEL_NAMES) + ")",
+    "models": "'default' (every model whose bundled weights meet their quality floor, lib/quality.py), 'all' (also "
+    "those below it, marked experimental in /info) or a comma list of families ("
+    + ", ".join(dict.fromkeys(FAMILY_OF.values()))
+    + ") and/or model names ("
+    + ", ".join(MODEL_NAMES)
+    + ")",
     "labels": "segmentation labels and their datastore values: 'liver' (default), 'liver,spleen' (values 1, 2), "
     "'liver=5,spleen=1', or a JSON object",
     "model_dir": "folder for what the server writes: trained weights, training runs, model-card cache (default "
@@ -118,11 +122,11 @@ class AppConfig:
         unknown = sorted(set(conf) - set(CONF_HELP) - {"server_mode", "auth_token"})
         if unknown:
             logger.warning(f"ignoring unknown --conf option(s) {unknown}; known: {sorted(CONF_HELP)}")
-        models = cls._select_models(conf.get("models") or "all")
+        bundled = os.path.join(app_dir, "model")
+        models = cls._select_models(conf.get("models") or "default", bundled)
         modality = str(conf.get("modality") or "auto").lower()
         if modality not in ("auto", "ct", "mr"):
             raise ValueError(f"--conf modality must be auto, ct or mr, got {modality!r}.")
-        bundled = os.path.join(app_dir, "model")
         model_dir = conf.get("model_dir") or default_model_dir()
         legacy = os.path.join(bundled, "trained")
         if not conf.get("model_dir") and os.path.isdir(legacy) and any(f.endswith(".pt") for f in os.listdir(legacy)):
@@ -147,13 +151,24 @@ class AppConfig:
         )
 
     @staticmethod
-    def _select_models(text: str) -> list[str]:
+    def _select_models(text: str, bundled_dir: str) -> list[str]:
+        from monailabel_app.lib.model_store import MODEL_SPECS
+        from monailabel_app.lib.quality import below_floor
+
         families = sorted(set(FAMILY_OF.values()))
         selected: list[str] = []
         for item in (part.strip() for part in str(text).split(",")):
             if not item:
                 continue
-            if item == "all":
+            if item == "default":
+                experimental = {f for f in families if below_floor(f, MODEL_SPECS[f].task, bundled_dir)}
+                if experimental:
+                    logger.info(
+                        f"not serving {sorted(experimental)} by default: their bundled weights measured below the "
+                        "quality floor (--conf models all serves them, marked experimental)"
+                    )
+                names = [n for n in MODEL_NAMES if FAMILY_OF[n] not in experimental]
+            elif item == "all":
                 names = list(MODEL_NAMES)
             elif item in MODEL_NAMES:
                 names = [item]
