@@ -8,6 +8,7 @@ classes run one after the other on the same machine, and each child's JSON resul
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,13 +21,17 @@ from networks.isa import isa_environment
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_isas(text: str) -> list[str]:
-    """``"native,avx2"`` -> ``["native", "avx2"]``, each checked against this CPU (ValueError otherwise)."""
+def isa_list(text: str) -> list[str]:
+    """The ``--isa`` option's type: ``"native,avx2"`` -> ``["native", "avx2"]``, each checked against this CPU
+    (``argparse.ArgumentTypeError`` with the reason otherwise, which argparse reports as a usage error)."""
     isas = [item.strip().lower() for item in text.split(",") if item.strip()]
     if not isas:
-        raise ValueError("--isa needs at least one class, e.g. native,avx2")
+        raise argparse.ArgumentTypeError("needs at least one class, e.g. native,avx2")
     for isa in isas:
-        isa_environment(isa)  # raises for an unknown class or one above this CPU
+        try:
+            isa_environment(isa)  # raises for an unknown class or one above this CPU
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
     return isas
 
 

@@ -56,6 +56,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks.isa_runs import isa_list  # noqa: E402
+
 THREADS = 2
 
 TARGETS = {  # SaDNN-seg targets of the project (AVX2 class; on AVX-512 VNNI INT8 must reach 0.2x eager)
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument(
         "--isa",
+        type=isa_list,
         default=None,
         help="comma list of instruction-set classes to run side by side, e.g. native,avx2 (one child process each)",
     )
@@ -322,13 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.isa:
-        from benchmarks.isa_runs import parse_isas
-
-        try:
-            isas = parse_isas(args.isa)
-        except ValueError as err:
-            parser.error(f"--isa: {err}")
-        return compare_isas(isas, args.out, list(sys.argv[1:] if argv is None else argv))
+        return compare_isas(args.isa, args.out, list(sys.argv[1:] if argv is None else argv))
     repeats = args.repeats or (3 if args.quick else 5)
     specs = QUICK_SPECS if args.quick else FULL_SPECS
     if args.models:

@@ -39,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.isa_runs import isa_list  # noqa: E402
+
 MODELS = ("sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_fp32")
 LARGE_ID = "example_ct_512x512x100"
 
@@ -130,16 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per model and image (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="--conf threads for the server (default torch's)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--isa", default=None, help="comma list of instruction-set classes side by side (native,avx2)")
+    parser.add_argument(
+        "--isa", type=isa_list, default=None, help="comma list of instruction-set classes side by side (native,avx2)"
+    )
     args = parser.parse_args(argv)
     if args.isa:
-        from benchmarks.isa_runs import parse_isas
-
-        try:
-            isas = parse_isas(args.isa)
-        except ValueError as err:
-            parser.error(f"--isa: {err}")
-        return compare_isas(isas, args.out, list(sys.argv[1:] if argv is None else argv))
+        return compare_isas(args.isa, args.out, list(sys.argv[1:] if argv is None else argv))
     from networks.isa import cpu_best_isa, requested_isa
 
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
