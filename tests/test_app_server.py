@@ -1,9 +1,10 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """The real MedAttnSlicer MONAI Label server, driven over HTTP (requests and MONAI Label's own client).
 
-One server for the whole module (``monailabel start_server`` in a subprocess on an ephemeral 127.0.0.1 port) on a
-copy of four sample studies; trained weights go to a temporary ``model_dir``. Tests run in file order: read-only
-requests first, then the ones that change the datastore, training last.
+One server for the module (``monailabel start_server`` in a subprocess on an ephemeral 127.0.0.1 port) on a copy of
+four sample studies, and a second one on its own copy for the training tests (what they publish would change every
+segmentation); trained weights go to a temporary ``model_dir``. A test that changes the datastore puts it back, so
+any test runs alone and in any order (``pytest --shuffle SEED``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -84,9 +85,6 @@ def test_infer_with_monailabel_client(server: ServerHandle, client: MONAILabelCl
         assert params["latencies"][stage] >= 0
 
 
-# Known shortfall (issue 3 stays open): the bundled small SaDNN-seg does not generalise to the held-out DICOM CT
-# (Dice ~0.0001 against the TotalSegmentator label). strict=True: once better weights are bundled this XPASSes and
-# fails, so the mark must then be removed.
 @pytest.mark.parametrize("model", ["sadnn_seg_int8", "sadnn_seg_fp32"])
 def test_bundled_model_held_out_dice(server: ServerHandle, client: MONAILabelClient, model: str):
     label_file, _ = client.infer(model, "example_ct_dicom", {})
@@ -98,11 +96,37 @@ def test_bundled_model_held_out_dice(server: ServerHandle, client: MONAILabelCli
     assert dice > 0.75, dice
 
 
-def test_unet_baseline_and_3d_variant(server: ServerHandle):
-    for model in ("unet_seg_int8", "unet_seg_fp32", "sadnn_seg3d_fp32"):
-        r = _infer(server, model, "example_mr_sm")
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == model and r.json()["image_size"] == [117, 91, 20]
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.sum(a & b) / (np.sum(a) + np.sum(b)))
+
+
+# Measured liver Dice on example_mr_sm (a training image; monailabel_app/README.md lists 0.81 for unet_seg and
+# 0.15 for sadnn_seg3d, whose small 3D network calls most of the volume liver). The floors sit below them with a
+# margin; the foreground limits catch an all-liver label, and the recall (share of the reference liver labelled:
+# measured ~1.0 for unet_seg, 0.91 for sadnn_seg3d) an empty or inverted one.
+UNET_3D_FLOORS = {"unet_seg_int8": (0.75, 0.2), "unet_seg_fp32": (0.75, 0.2), "sadnn_seg3d_fp32": (0.10, 0.99)}
+
+
+@pytest.mark.parametrize("model", sorted(UNET_3D_FLOORS))
+def test_unet_baseline_and_3d_variant(server: ServerHandle, model: str, tmp_path: Path):
+    r = _infer(server, model, "example_mr_sm")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == model and r.json()["image_size"] == [117, 91, 20]
+    r = _infer(server, model, "example_mr_sm", output="image")
+    assert r.status_code == 200, r.text
+    (tmp_path / "label.nii.gz").write_bytes(r.content)
+    label, label_image = read_array(tmp_path / "label.nii.gz")
+    image_array, image = read_array(server.studies / "example_mr_sm.nii.gz")
+    reference, _ = read_array(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")
+    assert_same_grid(label_image, image)
+    assert set(np.unique(label)) == {0, 1}
+    liver = label == 1
+    floor, most = UNET_3D_FLOORS[model]
+    assert liver.mean() < most, liver.mean()
+    # inside the body: the MR background is ~0; nearly all labelled voxels are brighter than the 5th percentile
+    assert (image_array[liver] > np.percentile(image_array, 5)).mean() > 0.9
+    assert _dice(liver, reference == 1) > floor
+    assert liver[reference == 1].mean() > 0.8
 
 
 def _permuted_oblique_copy(source: Path, target: Path) -> sitk.Image:
@@ -162,7 +186,13 @@ def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
     assert r.status_code == 200, r.text
     (tmp_path / "slice_label.nii.gz").write_bytes(r.content)
     out = sitk.ReadImage(str(tmp_path / "slice_label.nii.gz"))
-    assert out.GetSize() == slice2d.GetSize()
+    assert_same_grid(out, slice2d)
+    label = sitk.GetArrayFromImage(out)
+    reference, _ = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
+    assert set(np.unique(label)) == {0, 1}
+    # the liver on this slice: measured Dice 0.56 against the final label (the 2D path resizes the whole slice
+    # to the network's input, so it differs from the volume path's slice)
+    assert _dice(label == 1, reference[10] == 1) > 0.4
     r = _infer(server, "sadnn_cls_int8", None, {"rise_masks": 16}, files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())}, output="image")
     assert r.status_code == 200, r.text
     (tmp_path / "slice_saliency.nii.gz").write_bytes(r.content)
@@ -213,14 +243,33 @@ def test_over_under_against_a_known_reference(server: ServerHandle, tmp_path: Pa
     assert c_same["dice"] == 1.0 and c_same["over_voxels"] == 0 and c_same["under_voxels"] == 0
 
 
-def test_over_under_against_final_label_and_fp32_twin(server: ServerHandle):
+def _label_of(server: ServerHandle, model: str, image: str, tmp_path: Path) -> np.ndarray:
+    r = _infer(server, model, image, output="image")
+    assert r.status_code == 200, r.text
+    (tmp_path / f"{model}_{image}.nii.gz").write_bytes(r.content)
+    return read_array(tmp_path / f"{model}_{image}.nii.gz")[0]
+
+
+def _check_figures(figures: dict, prediction: np.ndarray, reference: np.ndarray, voxel_ml: float) -> None:
+    """The server's over/under figures against numpy's, from the two label maps and the voxel volume."""
+    p, r = prediction == 1, reference == 1
+    assert figures["agreement_voxels"] == int((p & r).sum())
+    assert (figures["over_voxels"], figures["under_voxels"]) == (int((p & ~r).sum()), int((~p & r).sum()))
+    assert figures["dice"] == pytest.approx(_dice(p, r), abs=1e-6)
+    assert figures["over_ml"] == pytest.approx((p & ~r).sum() * voxel_ml, rel=1e-5)
+    assert figures["under_ml"] == pytest.approx((~p & r).sum() * voxel_ml, rel=1e-5)
+
+
+def test_over_under_against_final_label_and_fp32_twin(server: ServerHandle, tmp_path: Path):
     c = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "final"}).json()["comparison"]
-    assert c["reference"] == "final" and 0.0 <= c["dice"] <= 1.0
-    reference, _ = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
-    assert c["agreement_voxels"] + c["under_voxels"] == int((reference == 1).sum())
+    assert c["reference"] == "final"
+    reference, reference_image = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
+    voxel_ml = float(np.prod(reference_image.GetSpacing())) / 1000.0
+    int8 = _label_of(server, "sadnn_seg_int8", "example_ct_dicom", tmp_path)
+    _check_figures(c, int8, reference, voxel_ml)
     twin = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "sadnn_seg_fp32"}).json()
     assert twin["comparison"]["reference"] == "sadnn_seg_fp32"
-    assert 0.0 <= twin["comparison"]["dice"] <= 1.0
+    _check_figures(twin["comparison"], int8, _label_of(server, "sadnn_seg_fp32", "example_ct_dicom", tmp_path), voxel_ml)
     missing = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "original"})
     assert missing.status_code == 404 and "original" in missing.json()["detail"]
 
@@ -250,22 +299,56 @@ def test_classification_probabilities_and_rise_saliency(server: ServerHandle, tm
 
 
 # ------------------------------------------------------------------------------------ active learning
+AIR = "AAA_air"  # sorts before CTChest4
+
+
+def _wait_for_total(server: ServerHandle, total: int) -> None:
+    """The datastore reloads from its folder in the background: wait until it lists ``total`` images."""
+    deadline = time.time() + 60
+    while server.get("/datastore/", params={"output": "stats"}).json()["total"] != total:
+        assert time.time() < deadline, server.get("/datastore/", params={"output": "stats"}).json()
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def air_study(server: ServerHandle, tmp_path: Path):
+    """A second unlabelled study the model is sure of: CTChest4's grid filled with air (no liver anywhere, so every
+    test-time variant and both precisions agree), uploaded for one test and removed after it."""
+    chest = sitk.ReadImage(str(server.studies / "CTChest4.nii.gz"))
+    air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(chest).shape, -1000, np.int16))
+    air.CopyInformation(chest)
+    sitk.WriteImage(air, str(tmp_path / f"{AIR}.nii.gz"))
+    r = server.put("/datastore/image", params={"image": AIR}, files={"file": (f"{AIR}.nii.gz", (tmp_path / f"{AIR}.nii.gz").read_bytes())})
+    assert r.status_code == 200, r.text
+    _wait_for_total(server, len(STUDIES) + 1)
+    try:
+        yield AIR
+    finally:
+        assert server.delete("/datastore/image", params={"id": AIR}).status_code == 200
+        _wait_for_total(server, len(STUDIES))
+
+
 @pytest.mark.parametrize("strategy", ["random", "first", "tta_uncertainty", "int8_disagreement"])
-def test_active_learning_strategies(server: ServerHandle, client: MONAILabelClient, strategy: str):
+def test_active_learning_strategies(server: ServerHandle, client: MONAILabelClient, strategy: str, air_study: str):
+    """Two unlabelled studies with a known order: the air volume sorts first, and the model is certain on it
+    (no liver under any flip or scaling; INT8 and FP32 both find nothing, Dice 1), while CTChest4 has a body."""
     result = client.next_sample(strategy, {"max_slices": 8})
-    assert result["id"] == "CTChest4"  # the only unlabeled study
+    expected = {"random": result["id"], "first": air_study, "tta_uncertainty": "CTChest4", "int8_disagreement": "CTChest4"}
+    assert result["id"] in (air_study, "CTChest4") and result["id"] == expected[strategy], result
+    if strategy == "tta_uncertainty":
+        assert result["candidates"][air_study] == 0.0 and result["candidates"]["CTChest4"] > 0.01, result["candidates"]
+        assert result["score"] == result["candidates"]["CTChest4"]
     if strategy == "int8_disagreement":
+        assert result["candidates"][air_study] == 1.0 and result["candidates"]["CTChest4"] < 1.0, result["candidates"]
         everyone = server.post("/activelearning/int8_disagreement", json={"images": "all", "max_slices": 8}).json()
         dice = everyone["candidates"]
-        assert set(dice) == set(STUDIES) and everyone["id"] == min(dice, key=dice.get)
+        assert set(dice) == set(STUDIES) | {air_study} and everyone["id"] == min(dice, key=dice.get)
         stored = server.get("/datastore/image/info", params={"image": everyone["id"]}).json()["scores"]
         assert stored["int8_agreement"]["dice"] == pytest.approx(dice[everyone["id"]])
-    if strategy == "tta_uncertainty":
-        assert result["score"] >= 0.0 and "tta_uncertainty" in result["scores"]
 
 
 # -------------------------------------------------------------------------------------------- scoring
-def test_scoring_stores_over_under_figures(server: ServerHandle):
+def test_scoring_stores_over_under_figures(server: ServerHandle, tmp_path: Path):
     task = server.post("/scoring/over_under").json()  # a background task, as the Slicer panel runs it
     for _ in range(300):
         status = server.get("/scoring/").json()
@@ -275,8 +358,10 @@ def test_scoring_stores_over_under_figures(server: ServerHandle):
     assert status["status"] == "DONE", status
     for image in ("example_ct_sm", "example_mr_sm", "example_ct_dicom"):
         scores = server.get("/datastore/image/info", params={"image": image}).json()["scores"]["over_under"]
-        assert 0.0 <= scores["dice"] <= 1.0 and scores["model"] == "sadnn_seg_int8"
-        assert scores["over_ml"] >= 0 and scores["under_ml"] >= 0
+        assert scores["model"] == "sadnn_seg_int8"
+        final, final_image = read_array(server.studies / "labels" / "final" / f"{image}.nii.gz")
+        voxel_ml = float(np.prod(final_image.GetSpacing())) / 1000.0
+        _check_figures(scores, _label_of(server, "sadnn_seg_int8", image, tmp_path), final, voxel_ml)
     sync = server.post("/scoring/int8_agreement", params={"run_sync": "true"}, json={"max_slices": 8}).json()
     assert set(sync) == set(STUDIES) and all(0.0 <= v["dice"] <= 1.0 for v in sync.values())
 
@@ -351,8 +436,28 @@ def test_save_label_keeps_earlier_labels(server: ServerHandle, client: MONAILabe
 
 
 # ------------------------------------------------------------------------------------------- training
-def test_failed_and_stopped_training_keep_served_models(server: ServerHandle, client: MONAILabelClient):
+# Training publishes new weights, which would change every other test's segmentations: the training tests get a
+# server and datastore of their own, and each holds in any order.
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory: pytest.TempPathFactory):
+    with start_sample_server(tmp_path_factory, STUDIES) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def training_client(training_server: ServerHandle, tmp_path_factory: pytest.TempPathFactory) -> MONAILabelClient:
+    return MONAILabelClient(training_server.url, tmpdir=str(tmp_path_factory.mktemp("training_client")))
+
+
+def _published_files(server: ServerHandle) -> dict:
+    return {name: (server.model_dir / name).read_bytes() if (server.model_dir / name).exists() else None
+            for name in ("sadnn_seg.pt", "sadnn_seg_int8.pt")}
+
+
+def test_failed_and_stopped_training_keep_served_models(training_server: ServerHandle, training_client: MONAILabelClient):
+    server, client = training_server, training_client
     before = server.get("/model/info/sadnn_seg_int8").json()["checksum"]
+    files_before = _published_files(server)
     client.train_start("sadnn_seg", {"max_epochs": 1, "learning_rate": "not a number"})
     failed = server.wait_for_training()
     assert failed["status"] == "ERROR", failed
@@ -371,10 +476,11 @@ def test_failed_and_stopped_training_keep_served_models(server: ServerHandle, cl
     assert client.train_status()["status"] == "STOPPED"
     assert server.get("/info/").json()["train_stats"]["sadnn_seg"]["status"] == "STOPPED"
     assert server.get("/model/info/sadnn_seg_int8").json()["checksum"] == before
-    assert not (server.model_dir / "sadnn_seg.pt").exists() and not (server.model_dir / "sadnn_seg_int8.pt").exists()
+    assert _published_files(server) == files_before  # nothing was published
 
 
-def test_training_republishes_fp32_and_int8_and_inference_reloads(server: ServerHandle, client: MONAILabelClient):
+def test_training_republishes_fp32_and_int8_and_inference_reloads(training_server: ServerHandle, training_client: MONAILabelClient):
+    server, client = training_server, training_client
     bundled = {m: server.get(f"/model/info/{m}").json()["checksum"] for m in ("sadnn_seg_int8", "sadnn_seg_fp32")}
     request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
     client.train_start("sadnn_seg", request)
@@ -396,7 +502,8 @@ def test_training_republishes_fp32_and_int8_and_inference_reloads(server: Server
     assert card["int8_size_bytes"] == (server.model_dir / "sadnn_seg_int8.pt").stat().st_size
 
 
-def test_classifier_training_publishes(server: ServerHandle, client: MONAILabelClient):
+def test_classifier_training_publishes(training_server: ServerHandle, training_client: MONAILabelClient):
+    server, client = training_server, training_client
     request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
     client.train_start("sadnn_cls", request)
     status = server.wait_for_training()

@@ -153,7 +153,15 @@ def test_preprocessing_inverts_onto_the_input_grid(tmp_path):
     pre = Compose(prep.transforms(header.dims))
     d = pre({"image": str(path)})
     assert tuple(d["image"].shape) == (1, 32, 32, 12)
-    d["pred"] = torch.ones_like(d["image"])
+    # An asymmetric pattern on the working grid: the octant of each voxel, 1..8, so a flipped or permuted
+    # inverse puts the wrong values in the wrong places.
+    working = d["image"].shape[1:]
+    centre = [(n - 1) / 2 for n in working]
+    i, j, k = np.meshgrid(*[np.arange(n) for n in working], indexing="ij")
+    pattern = 1 + (i > centre[0]) + 2 * (j > centre[1]) + 4 * (k > centre[2])
+    d["pred"] = d["image"].clone()
+    d["pred"][0] = torch.as_tensor(pattern, dtype=d["image"].dtype)
+    working_affine = np.asarray(d["image"].affine, dtype=np.float64)  # working index -> RAS mm
     back = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(d)["pred"]
     assert tuple(back.shape[1:]) == header.size
     out = sitk.ReadImage(write_on_grid(back.numpy()[0], header, str(tmp_path / "out.nii.gz")))
@@ -161,6 +169,22 @@ def test_preprocessing_inverts_onto_the_input_grid(tmp_path):
     np.testing.assert_allclose(out.GetSpacing(), original.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(out.GetOrigin(), original.GetOrigin(), atol=1e-6)
     np.testing.assert_allclose(out.GetDirection(), original.GetDirection(), atol=1e-6)
+
+    # Independently: where does each input voxel's centre fall on the working grid? (ITK index -> LPS mm ->
+    # RAS mm -> working index, from the two grids' geometry only.) The label there is the expected value.
+    got = sitk.GetArrayFromImage(out).transpose(2, 1, 0)  # (x, y, z) index order
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in original.GetSize()], indexing="ij"), axis=-1).reshape(-1, 3)
+    direction = np.array(original.GetDirection()).reshape(3, 3)
+    lps = np.array(original.GetOrigin()) + (index * np.array(original.GetSpacing())) @ direction.T
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    continuous = (ras - working_affine[:3, 3]) @ np.linalg.inv(working_affine[:3, :3]).T
+    margin = 0.6  # nearest-neighbour rounding is ambiguous within half a voxel of an octant border or the edge
+    inside = np.all((continuous > -0.5 + margin) & (continuous < np.array(working) - 0.5 - margin), axis=1)
+    clear = inside & np.all(np.abs(continuous - np.array(centre)) > margin, axis=1)
+    expected = 1 + (continuous[:, 0] > centre[0]) + 2 * (continuous[:, 1] > centre[1]) + 4 * (continuous[:, 2] > centre[2])
+    values = got.reshape(-1)[clear]
+    assert clear.sum() > 0.3 * len(clear) and set(np.unique(expected[clear])) == set(range(1, 9))
+    np.testing.assert_array_equal(values, expected[clear])
 
 
 def test_safe_datastore_validates_and_keeps_history(tmp_path):

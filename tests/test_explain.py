@@ -322,12 +322,58 @@ def test_gradcam_exact_on_a_linear_cnn():
     torch.testing.assert_close(grad_cam(model, images, target=1), negative)
 
 
+def _reference_grad_cam(model: nn.Module, images: torch.Tensor, target: int, names: tuple[str, ...]) -> torch.Tensor:
+    """Grad-CAM written out from its definition (Selvaraju et al. 2017), apart from MONAI's and ours: per layer
+    ``ReLU(sum_k mean_s(d y_c / d A_k) A_k)``, bilinearly resized to the input (corners not aligned), summed."""
+    modules = dict(model.named_modules())
+    activations: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _args, output):
+            output.retain_grad()
+            activations[name] = output
+        return hook
+
+    handles = [modules[name].register_forward_hook(keep(name)) for name in names]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(images)[:, target].sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    total = torch.zeros(images.shape[0], *images.shape[2:])
+    for name in names:
+        a = activations[name].detach().double()
+        weights = activations[name].grad.double().mean(dim=(2, 3), keepdim=True)
+        cam = (weights * a).sum(dim=1, keepdim=True).clamp(min=0)
+        total += F.interpolate(cam, size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0].float()
+    return total
+
+
 def test_gradcam_on_frozen_scopeformer_backbones():
+    # The served configuration (patch tokens, mode="baseline"). In "efficient" and "deep_tr" modes the tokens are
+    # the feature channels and their LayerNorm runs over the grid, so the logits do not change when a channel's
+    # map shifts by a constant: the mean gradient Grad-CAM weights each channel with is 0, and the "map" is
+    # rounding noise (~1e-10) that min-max scaling blows up to [0, 1].
     torch.manual_seed(0)
-    model = create_model("scopeformer_small", in_channels=1, grid=2, freeze_backbones=True)
-    assert default_cam_layer(model) == ("projections.0", "projections.1")
-    maps = grad_cam(model, torch.randn(1, 1, 64, 64), target=0)
-    assert maps.shape == (1, 64, 64) and torch.isfinite(maps).all()
+    model = create_model("scopeformer_small", in_channels=1, mode="baseline", grid=2, freeze_backbones=True)
+    names = ("projections.0", "projections.1")
+    assert default_cam_layer(model) == names
+    images = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    images[0, :, 8:24, 40:56] += 3.0  # a bright square: something for the backbones to respond to
+    maps = grad_cam(model, images, target=0)
+    assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all()
+    raw = grad_cam(model, images, target=0, normalize=False)
+    reference = _reference_grad_cam(model, images, 0, names)
+    # a real map: not constant, and far above rounding noise
+    assert (reference.flatten(1).std(dim=1) > 1e-3 * reference.flatten(1).max(dim=1).values).all()
+    assert reference.max() > 1e-4, reference.max()
+    torch.testing.assert_close(raw, reference, rtol=1e-4, atol=1e-6 * float(reference.max()))
+    assert all(not p.requires_grad for p in model.backbones.parameters())  # still frozen afterwards
+    # a different class weighs the features differently: its map is not the same
+    assert not torch.allclose(grad_cam(model, images, target=1, normalize=False), raw, atol=1e-3 * float(raw.max()))
 
 
 def test_default_cam_layers():
@@ -370,12 +416,65 @@ def test_gradcam_errors_name_the_problem():
 # --- attention maps ---------------------------------------------------------------------------------------------------
 
 
+def _reference_rollout(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) in float64, from the encoder blocks' weights: each block's
+    attention recomputed from its query/key projection, DeepViT head mixing ``Theta`` and BatchNorm (eval
+    statistics), averaged over heads, negative entries dropped, plus the identity, rows renormalised, composed
+    over the blocks; the class token's row over the patch tokens, bilinearly resized to the input."""
+    from networks.blocks.reattention import ReAttention
+
+    attentions = [m for m in model.blocks.modules() if isinstance(m, ReAttention)]
+    inputs = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().double())) for m in attentions]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, tokens = images.shape[0], inputs[0].shape[1]
+    rollout = torch.eye(tokens, dtype=torch.float64).repeat(batch, 1, 1)
+    for attention, x in zip(attentions, inputs):
+        heads, d = attention.heads, attention.head_dim
+        qkv = x @ attention.qkv.weight.double().T
+        if attention.qkv.bias is not None:
+            qkv = qkv + attention.qkv.bias.double()
+        q, k = qkv[..., :heads * d], qkv[..., heads * d: 2 * heads * d]
+        q = q.reshape(batch, tokens, heads, d).permute(0, 2, 1, 3)
+        k = k.reshape(batch, tokens, heads, d).permute(0, 2, 1, 3)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        theta = attention.theta.double()
+        mixed = torch.stack([sum(theta[h, g] * weights[:, h] for h in range(heads)) for g in range(heads)], dim=1)
+        bn = attention.norm
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        mixed = (mixed - bn.running_mean.double()[:, None, None]) * scale[:, None, None] + bn.bias.double()[:, None, None]
+        joint = mixed.mean(dim=1).clamp(min=0) + torch.eye(tokens, dtype=torch.float64)
+        joint = joint / joint.sum(dim=-1, keepdim=True)
+        rollout = joint @ rollout
+    grid = rollout[:, 0, 1:].reshape(batch, model.grid, model.grid)
+    return F.interpolate(grid[:, None], size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0].float()
+
+
 def test_rollout_only_for_spatial_tokens():
     torch.manual_seed(0)
     baseline = create_model("scopeformer_small", in_channels=1, mode="baseline", grid=2)
-    maps = attention_rollout(baseline, torch.randn(2, 1, 64, 64))
+    with torch.no_grad():  # a non-trivial head mixing and BatchNorm, so some mixed entries are negative
+        generator = torch.Generator().manual_seed(2)
+        for m in baseline.modules():
+            if type(m).__name__ == "ReAttention":
+                m.theta.add_(0.5 * torch.randn(m.theta.shape, generator=generator))
+                m.norm.running_mean.copy_(0.05 * torch.randn(m.heads, generator=generator))
+                m.norm.running_var.uniform_(0.5, 2.0, generator=generator)
+                m.norm.weight.uniform_(0.5, 1.5, generator=generator)
+                m.norm.bias.copy_(0.05 * torch.randn(m.heads, generator=generator))
+    images = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    maps = attention_rollout(baseline, images)
     assert maps.shape == (2, 64, 64) and maps.min() >= 0 and maps.max() <= 1
-    raw = attention_rollout(baseline, torch.randn(1, 1, 64, 64), normalize=False)
+    raw = attention_rollout(baseline, images, normalize=False)
+    reference = _reference_rollout(baseline, images)
+    assert (reference.flatten(1).std(dim=1) > 0).all()
+    torch.testing.assert_close(raw, reference, rtol=1e-4, atol=1e-6)
     assert 0 < raw.max() <= 1
     for mode in ("deep_tr", "efficient"):
         model = create_model("scopeformer_small", in_channels=1, mode=mode, grid=2)

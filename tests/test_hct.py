@@ -25,14 +25,35 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _resnet22_params(attention_stages: tuple[int, ...]) -> int:
+    """GMIC's pre-activation ResNet-22 from its layer shapes (../shared/REFERENCE.md): a 7x7 stem 1 -> 16 without
+    bias; five stages of two blocks, widths 16, 32, 64, 128, 256; a basic block is BN(cin), 3x3 cin -> cout, BN(cout),
+    3x3 cout -> cout (no biases), an attention-convolution block BN(cin), attention over cin (q, k, v, out linears
+    with bias), BN(cin), 3x3 cin -> cout; a stage's first block has a 1x1 downsample without bias; head BN + linear
+    256 -> 2. The attention's random features are buffers, not parameters."""
+    total = 7 * 7 * 16
+    previous = 16
+    for stage, width in enumerate((16, 32, 64, 128, 256), start=1):
+        for block in range(2):
+            cin = previous if block == 0 else width
+            downsample = cin * width if block == 0 else 0
+            if stage in attention_stages:
+                total += 2 * cin + 4 * (cin * cin + cin) + 2 * cin + 9 * cin * width + downsample
+            else:
+                total += 2 * cin + 9 * cin * width + 2 * width + 9 * width * width + downsample
+        previous = width
+    return total + 2 * 256 + (256 * 2 + 2)
+
+
 @pytest.mark.parametrize("attention", HCT_ATTENTIONS)
 def test_paper_parameter_count(attention):
-    assert count_parameters(HCT(attention=attention)) == 1_737_010
+    # ../shared/REFERENCE.md: 1,737,010 at 2 classes with attention-convolution blocks in stages 4-5
+    assert count_parameters(HCT(attention=attention)) == _resnet22_params((4, 5)) == 1_737_010
 
 
 def test_gmic_baseline_parameter_count():
     model = HCT(attention_stages=())
-    assert count_parameters(model) == 2_800_050
+    assert count_parameters(model) == _resnet22_params(()) == 2_800_050  # REFERENCE.md: all-convolution 2,800,050
     assert not any(isinstance(m, AttentionConvBlock) for m in model.modules())
 
 

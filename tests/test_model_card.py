@@ -129,7 +129,17 @@ def test_card_sizes_are_real_file_sizes_and_energy_follows_macs(tmp_path):
     assert card["fp32_size_bytes"] == (tmp_path / "fp32.pt").stat().st_size
     assert card["int8_size_bytes"] == artifact.stat().st_size
     assert card["size_ratio"] == pytest.approx(card["int8_size_bytes"] / card["fp32_size_bytes"])
-    assert card["params"] == 126_846
+    # sadnn_seg_small from its layer shapes: a local attention layer cin -> cout with a k x k neighbourhood has
+    # q, k, v 1x1 projections without bias (3 cin cout) and relative embeddings (cout/2 x k rows + cout/2 x k columns);
+    # encoder blocks add a BatchNorm (2 cout); features (8, 16, 32, 64, 64), a 4-wide last layer, 1x1 output 4 -> 2
+    def attention(cin: int, cout: int, k: int = 3) -> int:
+        return 3 * cin * cout + cout * k
+
+    encoder = [(1, 8), (8, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 64), (64, 64)]
+    decoder = [(128, 64), (64, 64), (128, 64), (64, 32), (64, 32), (32, 16), (32, 8), (16, 4)]
+    expected = sum(attention(i, o) + 2 * o for i, o in encoder) + sum(attention(i, o) for i, o in decoder)
+    expected += attention(4, 2, k=1)
+    assert card["params"] == expected == 126_846
     assert card["macs"] == count_macs(model, (1, 1, 64, 64))["macs"]
     assert card["energy_fp32_j"] == pytest.approx(card["macs"] * 4.6e-12)
     assert card["energy_int8_j"] == pytest.approx(card["macs"] * 0.23e-12)
@@ -265,19 +275,58 @@ def test_int8_macs_of_local_attention_nets_are_all_macs():
     assert count_int8_macs(model, (1, 1, 64, 64)) == count_macs(model, (1, 1, 64, 64))["macs"]
 
 
+def _card_model_layer_macs(name: str) -> int:
+    """MACs of the convolutions and linear layers of a registered card model, from their shapes: output elements x
+    input channels per group x kernel elements, or output elements x input features."""
+    from networks.model_card import CARD_MODELS
+
+    kwargs, shape, _ = CARD_MODELS[name]
+    model = create_model(name, **kwargs).eval().to("meta")
+    total = 0
+
+    def hook(module, _inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:
+            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.no_grad():
+        model(torch.zeros(shape, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return total
+
+
 def test_paper_size_attention_classifier_cards(tmp_path):
     from networks.model_card import registered_model_cards
 
     names = ["hct", "patchconvnet_s60", "scopeformer"]
     cards = {card["name"]: card for card in registered_model_cards(names, out_dir=tmp_path)}
-    assert cards["hct"]["params"] == 1_737_010
-    assert cards["patchconvnet_s60"]["params"] == 25_231_096
-    # S60 at 224 x 224: the trunk alone is 60 blocks x (2 x 384^2 + 9 x 384 + SE) x 196 tokens ~ 3.5 GMACs
-    assert 3.0e9 < cards["patchconvnet_s60"]["macs"] < 5.0e9
-    # HCT on a 2048 x 1664 mammogram: the 7x7 stem alone is 16 x 49 x 1024 x 832 ~ 0.67 GMACs
-    assert 0.67e9 < cards["hct"]["macs"] < 20e9
-    # three CNN backbones (DenseNet-121 ~ 2.9 GMACs at 224) and an 8-layer transformer at 256 x 256
-    assert 2e9 < cards["scopeformer"]["macs"] < 20e9
+    assert cards["hct"]["params"] == 1_737_010  # ../shared/REFERENCE.md (HCT reference code), derived in test_hct.py
+    assert cards["patchconvnet_s60"]["params"] == 25_231_096  # the same for S60, derived in test_patchconvnet.py
+    # MACs derived here, apart from the card's FlopCounterMode count: every convolution and linear layer from its
+    # shapes (forward hooks on the meta device), plus the attention products, which are no modules, by formula.
+    layer_macs = {name: _card_model_layer_macs(name) for name in names}
+    # S60 at 224 x 224: one class-attention query over the 197 tokens (cls + 14 x 14), d 384: q k^T and a v
+    assert cards["patchconvnet_s60"]["macs"] == layer_macs["patchconvnet_s60"] + 2 * 197 * 384
+    assert 3.0e9 < cards["patchconvnet_s60"]["macs"] < 5.0e9  # the trunk: 60 x (2 x 384^2 + ...) x 196 ~ 3.5 G
+    # HCT at 2048 x 1664: Performer FAVOR+ in the AC blocks, 8 heads of width dh = d / 8, m = int(dh ln dh) random
+    # features; per block 2 N m d (projecting q and k) + 2 N m d (phi(K)^T V, then phi(Q) times it) + N m h (the
+    # normaliser). Tokens: stage 4 sees 64 x 52 then 32 x 26, stage 5 32 x 26 then 16 x 13.
+    def performer(tokens: int, d: int) -> int:
+        m = int((d // 8) * math.log(d // 8))
+        return 4 * tokens * m * d + 8 * tokens * m
+    hct_attention = performer(64 * 52, 64) + 2 * performer(32 * 26, 128) + performer(16 * 13, 256)
+    assert hct_attention == 75_741_952
+    assert cards["hct"]["macs"] == layer_macs["hct"] + hct_attention
+    # Scopeformer ("efficient": the 384 feature channels are the tokens, each 8 x 8 = 64 wide), 8 layers, 16 heads:
+    # q k^T and attention times v, N^2 x 64 each, and re-attention's head mixing Theta, heads^2 x N^2
+    tokens, width, heads, layers = 384, 64, 16, 8
+    scopeformer_attention = layers * (2 * tokens * tokens * width + heads * heads * tokens * tokens)
+    assert cards["scopeformer"]["macs"] == layer_macs["scopeformer"] + scopeformer_attention
     for card in cards.values():
         assert card["int8_size_bytes"] < card["fp32_size_bytes"], card
         assert card["size_ratio"] < 0.5, card

@@ -26,13 +26,22 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def test_s60_parameter_counts():
     model = PatchConvNet()
-    assert count_parameters(model) == 25_231_096
-    assert count_parameters(model.stem) == 872_208
+    d = 384
+    # from the layer shapes (../shared/REFERENCE.md gives the same figures for S60 at 1000 classes):
+    # stem: four 3x3 convolutions without bias, 3 -> 48 -> 96 -> 192 -> 384
+    stem = 9 * (3 * 48 + 48 * 96 + 96 * 192 + 192 * d)
+    # block: LayerNorm, 1x1 conv, depthwise 3x3, squeeze-excite 384 -> 96 -> 384, 1x1 conv (all with bias), gamma
+    block = 2 * d + (d * d + d) + (9 * d + d) + (d * 96 + 96) + (96 * d + d) + (d * d + d) + d
+    # class attention: two LayerNorms, q, k, v and projection (bias), MLP 384 -> 1152 -> 384, gamma1 and gamma2
+    aggregation = 2 * (2 * d) + 4 * (d * d + d) + (d * 3 * d + 3 * d) + (3 * d * d + d) + 2 * d
+    head = d * 1000 + 1000
+    assert count_parameters(model.stem) == stem == 872_208
     assert len(model.blocks) == 60
-    assert {count_parameters(block) for block in model.blocks} == {374_880}
-    assert count_parameters(model.aggregation) == 1_479_936
-    assert count_parameters(model.head) == 385_000
-    assert model.cls_token.numel() + count_parameters(model.norm) == 1_152
+    assert {count_parameters(block) for block in model.blocks} == {block} == {374_880}
+    assert count_parameters(model.aggregation) == aggregation == 1_479_936
+    assert count_parameters(model.head) == head == 385_000
+    assert model.cls_token.numel() + count_parameters(model.norm) == d + 2 * d == 1_152
+    assert count_parameters(model) == stem + 60 * block + aggregation + head + 3 * d == 25_231_096
 
 
 def test_stem_makes_a_14x14_token_grid_from_224():

@@ -22,9 +22,22 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _attention_params(cin: int, cout: int, k: int = 3) -> int:
+    """A local self-attention layer: q, k, v 1x1 projections without bias and relative embeddings (cout/2 x k for
+    rows, cout/2 x k for columns)."""
+    return 3 * cin * cout + cout * k
+
+
 def test_sadnn_seg_paper_parameter_count():
     net = SaDNNSeg()
-    assert n_params(net) == 7_971_298
+    # from the layer widths (test_sadnn_seg_paper_layer_widths): encoder blocks add a BatchNorm, the decoder none,
+    # the output layer is 32 -> 2 with a 1x1 neighbourhood
+    encoder = [(1, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]
+    decoder = [(1024, 512), (512, 512), (1024, 512), (512, 256), (512, 256), (256, 128), (256, 64), (128, 32)]
+    expected = sum(_attention_params(i, o) + 2 * o for i, o in encoder) + sum(_attention_params(i, o) for i, o in decoder)
+    expected += _attention_params(32, 2, k=1)
+    # ../shared/REFERENCE.md: 7,971,298 with relative embeddings; 7,950,720 projection weights (the paper's "7.95M")
+    assert n_params(net) == expected == 7_971_298
     projections = sum(
         p.numel() for name, p in net.named_parameters() if name.endswith(("query.weight", "key.weight", "value.weight"))
     )
@@ -83,7 +96,11 @@ def test_sadnn_seg_input_errors():
 
 def test_sadnn_cls_paper_parameter_count_and_head():
     net = SaDNNCls()
-    assert n_params(net) == 4_563_102
+    # attention -> BN blocks 1-16-16-32-32-64 (then 64 six more times), FC 4096 -> 1024 -> 256 -> 64 -> 14
+    widths = [1, 16, 16, 32, 32, 64, 64, 64, 64, 64, 64, 64]
+    blocks = sum(_attention_params(i, o) + 2 * o for i, o in zip(widths, widths[1:]))
+    fc = sum(i * o + o for i, o in [(4096, 1024), (1024, 256), (256, 64), (64, 14)])
+    assert n_params(net) == blocks + fc == 4_563_102  # ../shared/REFERENCE.md: 4,563,102 at 14 classes
     assert net.fc_in_features == 4096
     linears = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
     assert linears == [(4096, 1024), (1024, 256), (256, 64), (64, 14)]

@@ -186,12 +186,28 @@ def test_invalid_configurations():
     assert logits.shape == (1, 6) and math.isfinite(float(logits[0, 0]))
 
 
+def _narrow_resnet_params(blocks: tuple[int, ...], widths: tuple[int, ...] = (8, 16, 32, 64)) -> int:
+    """Parameters of MONAI's ResNet (basic blocks, no fc) at 1/8 width on one input channel, from its layer shapes:
+    a 7x7 stem without bias + BatchNorm; per block two 3x3 convolutions without bias, each with a BatchNorm; the
+    first block of a stage that changes width has a 1x1 downsample convolution with bias + BatchNorm."""
+    total = 7 * 7 * 1 * widths[0] + 2 * widths[0]
+    previous = widths[0]
+    for count, width in zip(blocks, widths):
+        for i in range(count):
+            cin = previous if i == 0 else width
+            total += 9 * cin * width + 2 * width + 9 * width * width + 2 * width
+            if i == 0 and cin != width:
+                total += cin * width + width + 2 * width
+        previous = width
+    return total
+
+
 def test_narrow_resnet_backbones_for_cpu_sized_models():
     """``backbone_width`` narrows ResNet backbones (MONAI widen_factor); the app's ``scopeformer_tiny`` uses it."""
     from networks.factory import create_model
 
     narrow = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125)
-    assert narrow.out_channels == 64 and count_parameters(narrow) == 77_640  # 8-16-32-64 channels
+    assert narrow.out_channels == 64 and count_parameters(narrow) == _narrow_resnet_params((1, 1, 1, 1)) == 77_640
     assert narrow(torch.zeros(1, 1, 64, 64)).shape == (1, 64, 2, 2)
     with pytest.raises(ValueError, match="ResNet backbones only"):
         BackboneFeatures("densenet121", width=0.5)
@@ -199,7 +215,13 @@ def test_narrow_resnet_backbones_for_cpu_sized_models():
         BackboneFeatures("resnet10", width=0.0)
     torch.manual_seed(0)
     tiny = create_model("scopeformer_tiny", in_channels=1, out_channels=5).eval()
-    assert tiny.mode == "baseline" and count_parameters(tiny) == 359_077
+    # two 1x1 projections 64 -> 32 (bias), CLS + 17 positions of width 64, two pre-norm blocks (LayerNorms, qkv
+    # without bias, output projection, Theta 4 x 4 and BatchNorm2d(4) of re-attention, MLP 64 -> 256 -> 64), the final
+    # LayerNorm and the 64 -> 5 head
+    block = 2 * (2 * 64) + 64 * 3 * 64 + (64 * 64 + 64) + 4 * 4 + 2 * 4 + (64 * 256 + 256) + (256 * 64 + 64)
+    transformer = 2 * (64 * 32 + 32) + 64 + 17 * 64 + 2 * block + 2 * 64 + (64 * 5 + 5)
+    expected = _narrow_resnet_params((1, 1, 1, 1)) + _narrow_resnet_params((2, 2, 2, 2)) + transformer
+    assert tiny.mode == "baseline" and count_parameters(tiny) == expected == 359_077
     with torch.no_grad():
         assert tiny(torch.randn(2, 1, 128, 128)).shape == (2, 5)
 

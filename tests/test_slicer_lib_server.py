@@ -5,7 +5,8 @@ The panel's library (its client, job runner and workflows; never ``requests`` or
 sample studies: two with a ``final`` liver label and CTChest4 without one. Labels are read back with SimpleITK on
 the image grid. Tests run in file order: read-only round trips first, then the ones that change the datastore,
 training last. Only the 5xx test uses a stand-in: a stdlib ``http.server`` answering 500, because the real server
-is not made to fail on purpose.
+is not made to fail on purpose. The client's normal paths are tested here, not against stand-ins, so it cannot
+drift from the server.
 """
 
 from __future__ import annotations
@@ -135,16 +136,62 @@ def test_connect_lists_models_with_formatted_cards(server: ServerHandle, info: d
 
 
 # ------------------------------------------------------------------------------------------ next sample
-def test_next_sample_with_every_strategy(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, tmp_path: Path):
+AIR = "AAA_air"  # sorts before CTChest4
+
+
+def _wait_for_total(client: MonaiLabelClient, total: int) -> None:
+    """The datastore reloads from its folder in the background: wait until it lists ``total`` images."""
+    deadline = time.monotonic() + 60
+    while client.datastore("stats")["total"] != total:
+        assert time.monotonic() < deadline, client.datastore("stats")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def air_study(server: ServerHandle, client: MonaiLabelClient, tmp_path: Path):
+    """A second unlabelled study the model is sure of: CTChest4's grid filled with air (no liver under any
+    test-time variant; INT8 and FP32 both find nothing), uploaded for one test and removed after it."""
+    chest = sitk.ReadImage(str(server.studies / f"{UNLABELED}.nii.gz"))
+    air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(chest).shape, -1000, np.int16))
+    air.CopyInformation(chest)
+    sitk.WriteImage(air, str(tmp_path / f"{AIR}.nii.gz"))
+    total = client.datastore("stats")["total"]
+    assert client.upload_image(str(tmp_path / f"{AIR}.nii.gz"), image_id=AIR) == AIR
+    _wait_for_total(client, total + 1)
+    try:
+        yield AIR
+    finally:
+        assert server.delete("/datastore/image", params={"id": AIR}).status_code == 200
+        _wait_for_total(client, total)
+
+
+def test_next_sample_with_every_strategy(
+    server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, tmp_path: Path, air_study: str
+):
+    """Two unlabelled studies with a known order: the air volume sorts first and the model is certain on it, while
+    CTChest4 has a body; ``first`` takes the air, the app's model-based strategies take CTChest4."""
     strategies = list(info["strategies"])
-    assert {"random", "first"} <= set(strategies) and len(strategies) > 2  # the app adds its own
-    original = (server.studies / f"{UNLABELED}.nii.gz").read_bytes()
+    assert set(strategies) == {"random", "first", "tta_uncertainty", "int8_disagreement"}
+    expected = {"first": air_study, "tta_uncertainty": UNLABELED, "int8_disagreement": UNLABELED}
     for strategy in strategies:
         sample = _run(
             runner, workflows.fetch_next_sample, client, strategy, dest_dir=str(tmp_path / strategy), params={"max_slices": 6}
         )
-        assert sample.strategy == strategy and sample.image_id == UNLABELED, (strategy, sample.info)
-        assert Path(sample.image_path).read_bytes() == original  # the downloaded image is the stored one
+        assert sample.strategy == strategy and sample.image_id in (air_study, UNLABELED), (strategy, sample.info)
+        assert sample.image_id == expected.get(strategy, sample.image_id), (strategy, sample.info)
+        stored = (server.studies / f"{sample.image_id}.nii.gz").read_bytes()
+        assert Path(sample.image_path).read_bytes() == stored  # the downloaded image is the stored one
+        if strategy == "tta_uncertainty":
+            assert sample.info["candidates"] == {air_study: 0.0, UNLABELED: pytest.approx(sample.info["score"])}
+            assert sample.info["score"] > 0.01
+        if strategy == "int8_disagreement":
+            assert sample.info["candidates"][air_study] == 1.0 > sample.info["candidates"][UNLABELED]
+    # the download names the file as the server does and reports its progress to the end
+    fractions: list[float] = []
+    path = client.download_image(UNLABELED, str(tmp_path / "direct"), progress=lambda f, m: fractions.append(f))
+    assert Path(path).name == f"{UNLABELED}.nii.gz" and Path(path).parent == tmp_path / "direct"
+    assert Path(path).read_bytes() == (server.studies / f"{UNLABELED}.nii.gz").read_bytes()
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------- segment
@@ -194,7 +241,19 @@ def test_compare_on_server_matches_the_lib_overlay(client: MonaiLabelClient, run
         assert formatting.comparison_text(local) == formatting.comparison_text(from_server)
         assert f"Dice {served.comparison['dice']:.3f} vs {reference}" in formatting.comparison_text(local)
         assert [row[0] for row in formatting.comparison_rows(local)] == ["Agreement", "Over-segmentation", "Under-segmentation"]
-    assert local.over_ml + local.under_ml > 0 or local.dice == 1.0
+        # independent figures from the two label maps and the voxel spacing (numpy only, none of the lib's code)
+        predicted, wanted = int8_label == 1, reference_map == 1
+        voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
+        over, under, agree = predicted & ~wanted, wanted & ~predicted, predicted & wanted
+        assert np.array_equal(comparison == 1, agree) and np.array_equal(comparison == 2, over)
+        assert np.array_equal(comparison == 3, under)
+        assert served.comparison["agreement_voxels"] == int(agree.sum())
+        assert served.comparison["dice"] == pytest.approx(2 * agree.sum() / (predicted.sum() + wanted.sum()), abs=1e-6)
+        assert served.comparison["over_ml"] == pytest.approx(over.sum() * voxel_ml, rel=1e-4)
+        assert served.comparison["under_ml"] == pytest.approx(under.sum() * voxel_ml, rel=1e-4)
+        if choice == workflows.REFERENCE_FINAL:
+            # the model is good but not perfect on this study: both kinds of error are present
+            assert over.any() and under.any() and 0.5 < served.comparison["dice"] < 1.0
 
 
 # ------------------------------------------------------------------------------------ classification
@@ -356,7 +415,9 @@ def test_submit_label_as_final_and_read_it_back(
 ):
     labels = _cards(info, SEGMENTATION)[SEG_INT8].labels
     image_id = "example_ct_sm"
-    final, grid = read_array(client.download_label(image_id, "final"))
+    total = client.datastore("stats")["total"]
+    final, grid = read_array(client.download_label(image_id, "final", dest_dir=str(tmp_path / "original")))
+    shutil.copy(server.studies / "labels" / "final" / f"{image_id}.nii.gz", tmp_path / "original_final.nii.gz")
     edited_mask = final == 1
     edited_mask[: edited_mask.shape[0] // 2] = False  # the annotator erased the upper half
     edited = compose_label_map([("Liver", edited_mask)], labels)  # a Slicer segment named "Liver"
@@ -370,7 +431,8 @@ def test_submit_label_as_final_and_read_it_back(
     saved, saved_image = read_array(client.download_label(image_id, "final", dest_dir=str(tmp_path / "back")))
     assert_same_grid(saved_image, grid)
     assert np.array_equal(saved, edited)
-    assert "final" in client.datastore("all")["objects"][image_id]["labels"]
+    stored_label = client.datastore("all")["objects"][image_id]["labels"]["final"]
+    assert stored_label["info"]["client_id"] == "pytest"  # the client's id reaches the datastore with the label
 
     # a volume that is not in the datastore yet is uploaded first, then labelled
     shutil.copy(server.studies / "example_mr_sm.nii.gz", tmp_path / "new_case.nii.gz")
@@ -383,7 +445,12 @@ def test_submit_label_as_final_and_read_it_back(
     assert new_id and new_id not in STUDIES
     back, _ = read_array(client.download_label(new_id, "final", dest_dir=str(tmp_path / "back_new")))
     assert np.array_equal(back, mr_final)
-    assert client.datastore("stats")["total"] == len(STUDIES) + 1
+    _wait_for_total(client, total + 1)
+    # leave the datastore as this test found it, so the other tests do not depend on the order they run in
+    assert server.delete("/datastore/image", params={"id": new_id}).status_code == 200
+    _wait_for_total(client, total)
+    client.save_label(image_id, str(tmp_path / "original_final.nii.gz"))
+    assert np.array_equal(read_array(server.studies / "labels" / "final" / f"{image_id}.nii.gz")[0], final)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -460,12 +527,27 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_train_briefly_then_train_and_stop(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner):
+@pytest.fixture
+def training_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server of its own for training: what training publishes would change every other test's segmentations."""
+    with start_sample_server(tmp_path_factory, STUDIES) as handle:
+        yield handle
+
+
+def test_train_briefly_then_train_and_stop(training_server: ServerHandle, runner: JobRunner, tmp_path: Path):
+    server = training_server
+    client = MonaiLabelClient(server.url, timeout_s=60.0, client_id="pytest", download_dir=str(tmp_path))
     tiny = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}
     messages: list[str] = []
+    fractions: list[float] = []
+
+    def on_progress(event) -> None:
+        messages.append(event.message)
+        if event.fraction is not None:
+            fractions.append(event.fraction)
+
     job = runner.submit(
-        "train", workflows.run_training, client, "sadnn_seg", tiny, poll_interval_s=0.5,
-        on_progress=lambda event: messages.append(event.message),
+        "train", workflows.run_training, client, "sadnn_seg", tiny, poll_interval_s=0.5, on_progress=on_progress
     )
     runner.wait(job, timeout_s=240)
     assert job.state == JobState.FINISHED, (job.message, server.log_tail())
@@ -474,12 +556,17 @@ def test_train_briefly_then_train_and_stop(server: ServerHandle, client: MonaiLa
     assert 0.0 <= outcome.stats["best_metric"] <= 1.0 and formatting.training_fraction(outcome.stats) == 1.0
     assert "epoch 1/1, best validation Dice" in formatting.training_text("sadnn_seg", outcome.status, outcome.stats)
     assert any("RUNNING" in m for m in messages)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0, fractions
     published = outcome.stats["published"]["int8"]["sha256"]
     result = _run(runner, workflows.segment, client, SEG_INT8, image_id="example_mr_sm")
     assert result.params["model_version"]["sha256"] == published  # the panel's next segmentation uses it
 
     # a long run, stopped from the panel once training has really started
-    job = runner.submit("train", workflows.run_training, client, "sadnn_seg", dict(tiny, max_epochs=50), poll_interval_s=0.5)
+    second: list[str] = []
+    job = runner.submit(
+        "train", workflows.run_training, client, "sadnn_seg", dict(tiny, max_epochs=50), poll_interval_s=0.5,
+        on_progress=lambda event: second.append(event.message),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not job.done and "epoch" not in (job.message or ""):
         runner.poll()
@@ -488,6 +575,7 @@ def test_train_briefly_then_train_and_stop(server: ServerHandle, client: MonaiLa
     job.cancel("Training stopped by the test.")
     runner.wait(job, timeout_s=60)
     assert job.state == JobState.CANCELLED and "stopped on the server" in job.message, (job.state, job.message)
+    assert all("epoch 1/1" not in m for m in second), second  # the finished run's stats are not this run's
     assert client.train_status(check_if_running=True) is None
     assert client.info()["train_stats"]["sadnn_seg"]["status"] == "STOPPED"
     assert server.alive()

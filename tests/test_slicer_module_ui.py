@@ -310,8 +310,80 @@ def test_icon_is_a_128px_png():
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # a drawing, not a flat square
 
 
+def _widget_uses():
+    """How ``MedAttnSlicerWidget`` uses each ``self.ui.<name>``, read from its syntax tree.
+
+    Returns name -> set of uses: ``"connect:<signal>"`` (connected to a method the class defines; a handler the
+    class lacks gives ``"undefined handler self.<h> for:<signal>"``), ``"call:<member>"`` (a method called on it), ``"use:<member>"`` (a member read or
+    called: PythonQt exposes getters such as ``currentNode`` as methods, properties such as ``value`` as
+    attributes), ``"arg:<function>"`` (the widget passed to ``self.<function>(...)``).
+    """
+    tree = ast.parse(MODULE_PY.read_text())
+    widget_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerWidget")
+    methods = {n.name for n in widget_class.body if isinstance(n, ast.FunctionDef)}
+
+    def ui_name(node):
+        # self.ui.<name>
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            return node.attr
+        return None
+
+    uses = {}
+    called = set()
+    for node in ast.walk(widget_class):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        called.add(id(func))
+        # self.ui.<name>.<signal>.connect(self.<handler>)
+        if isinstance(func, ast.Attribute) and func.attr == "connect" and isinstance(func.value, ast.Attribute):
+            name = ui_name(func.value.value)
+            if name is not None:
+                (handler,) = node.args
+                defined = isinstance(handler, ast.Attribute) and handler.attr in methods
+                use = "connect" if defined else f"undefined handler {ast.unparse(handler)} for"
+                uses.setdefault(name, set()).add(f"{use}:{func.value.attr}")
+        if isinstance(func, ast.Attribute):
+            name = ui_name(func.value)
+            if name is not None:
+                uses.setdefault(name, set()).update({f"call:{func.attr}", f"use:{func.attr}"})
+            if isinstance(func.value, ast.Name) and func.value.id == "self":
+                for arg in node.args:
+                    if ui_name(arg) is not None:
+                        uses.setdefault(ui_name(arg), set()).add(f"arg:{func.attr}")
+    for node in ast.walk(widget_class):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and id(node) not in called:
+            name = ui_name(node.value)
+            if name is not None:
+                uses.setdefault(name, set()).add(f"use:{node.attr}")
+    return uses
+
+
+#: What the code must do with a widget of each class for it to do anything: a list of alternatives, each a set
+#: of uses that must all be present (see :func:`_widget_uses`).
+REQUIRED_USES = {
+    # a button nobody connects does nothing
+    "QPushButton": [{"connect:clicked"}],
+    # a label nobody writes shows only the .ui placeholder
+    "QLabel": [{"call:setText"}],
+    # a combo box must be filled and its choice read
+    "QComboBox": [{f"{fill}", f"use:{choice}"} for fill in ("call:addItem", "call:addItems", "arg:_fillCombo",
+                                                            "arg:_fillModelCombo") for choice in ("currentText", "currentIndex")],
+    # a node selector's node must be read and its change must update the buttons
+    "qMRMLNodeComboBox": [{"use:currentNode", "connect:currentNodeChanged"}],
+    "qMRMLSegmentSelectorWidget": [{"use:currentSegmentID", "connect:currentSegmentChanged"}],
+    "QProgressBar": [{"call:setValue", "call:setRange"}],
+    "QSpinBox": [{"use:value"}],
+    "ctkSliderWidget": [{"use:value", "connect:valueChanged"}],
+    "QTableWidget": [{"arg:_setupTable", "arg:_fillTable"}],
+}
+
+
 @pytest.mark.parametrize("name", sorted(WIDGETS))
 def test_every_widget_has_a_name_in_code_with_handlers(name):
-    # Buttons must be connected to a handler, or they do nothing.
-    if WIDGETS[name] == "QPushButton":
-        assert re.search(rf"self\.ui\.{name}\.clicked\.connect\(self\.\w+\)", MODULE_PY.read_text()), name
+    uses = _widget_uses().get(name, set())
+    assert not [use for use in uses if use.startswith("undefined handler")], (name, sorted(uses))
+    alternatives = REQUIRED_USES[WIDGETS[name]]
+    assert any(required <= uses for required in alternatives), (
+        f"self.ui.{name} ({WIDGETS[name]}) is used as {sorted(uses)}; it needs one of {[sorted(a) for a in alternatives]}")
