@@ -742,13 +742,20 @@ def test_training_error_raises_training_failed(fake_server):
     assert "ERROR" in job.message and "CUDA not found" in job.message
 
 
-def test_cancel_training_stops_it_on_the_server(fake_server):
+def _long_training_running(fake_server):
+    """A stand-in server with a long training and this panel's job that started it (status RUNNING):
+    ``(training, server, runner, job)``."""
     training = _TrainingServer("DONE", total_epochs=10_000)
     server = fake_server(training.routes())
     runner = JobRunner()
     job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
                         poll_interval_s=30.0)
     assert _wait_for(lambda: training.status == "RUNNING")
+    return training, server, runner, job
+
+
+def test_cancel_training_stops_it_on_the_server(fake_server):
+    training, server, runner, job = _long_training_running(fake_server)
     started = time.monotonic()
     job.cancel()
     runner.wait(job, timeout_s=5)
@@ -876,12 +883,7 @@ def test_classify_sends_explain_and_rejects_another_method(fake_server, tmp_path
 def test_module_shutdown_leaves_the_servers_training_running(fake_server):
     # Closing Slicer or reloading the module (JobRunner.shutdown from Logic.cleanup) must not stop a
     # training on a server other annotators may share.
-    training = _TrainingServer("DONE", total_epochs=10_000)
-    server = fake_server(training.routes())
-    runner = JobRunner()
-    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
-                        poll_interval_s=30.0)
-    assert _wait_for(lambda: training.status == "RUNNING")
+    training, server, runner, job = _long_training_running(fake_server)
     runner.shutdown(timeout_s=5)
     assert job.state == JobState.CANCELLED and job.message == "Training 'sadnn_seg' left running on the server"
     assert server.find("DELETE", "/train/") == [] and training.status == "RUNNING"
