@@ -21,7 +21,7 @@ from other processes hits all of them alike.
 
 Sizes: INT8 artifact file / FP32 state-dict file. Agreement: argmax Dice (foreground) and max abs logit difference
 of the INT8 artifact vs the FP32 network on held-out real CT slices (example_ct), with weights trained briefly on the
-other slices (``tests/trained_models.py``, cached). Full runs time the paper-size networks (random weights, INT8
+other slices (``sample_models/trained_models.py``, cached). Full runs time the paper-size networks (random weights, INT8
 calibrated on real CT slices) and measure agreement on the trained small variants of the same architecture (the
 ``agreement_model`` field says which); ``--quick`` times the small variants themselves with fewer repeats.
 Networks: SaDNN-seg, SaDNN-cls, the U-net baseline, and the attention classifiers HCT (Performer FAVOR+),
@@ -74,7 +74,7 @@ class Spec:
     factory_name: str  # network timed
     factory_kwargs: dict
     input_shape: tuple[int, ...]
-    agreement_config: str  # tests.trained_models.CONFIGS entry used for agreement
+    agreement_config: str  # sample_models.trained_models.CONFIGS entry used for agreement
 
 
 FULL_SPECS = [
@@ -86,12 +86,12 @@ FULL_SPECS = [
     Spec("scopeformer", "scopeformer", {}, (2, 3, 256, 256), "scopeformer_small_cls_2d"),
     Spec("patchconvnet", "patchconvnet_s60", {}, (4, 3, 224, 224), "patchconvnet_small_cls_2d"),
 ]
-_ORGANS = 6  # the organ-presence labels of the trained small classifiers (tests.trained_models.ORGAN_CLASSES)
+_ORGANS = 6  # the organ-presence labels of the trained small classifiers (sample_models.trained_models.ORGAN_CLASSES)
 QUICK_SPECS = [
     Spec("sadnn_seg", "sadnn_seg_small", {}, (8, 1, 256, 256), "sadnn_seg_small_2d"),
     Spec("sadnn_cls", "sadnn_cls_small", {}, (4, 1, 128, 128), "sadnn_cls_small_2d"),
     Spec("unet_baseline", "unet_baseline", {}, (8, 1, 128, 128), "unet_baseline_2d"),
-    # the trained small variants themselves, at their training sizes (see tests/trained_models.py)
+    # the trained small variants themselves, at their training sizes (see sample_models/trained_models.py)
     Spec("hct", "hct_small", {"out_channels": _ORGANS, "strides": (2, 1, 1, 1, 1)}, (8, 1, 64, 64), "hct_small_cls_2d"),
     Spec(
         "scopeformer",
@@ -116,11 +116,11 @@ def log(message: str) -> None:
 
 def real_batch(shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
     """``shape`` = (B, C, H, W): B consecutive real axial CT slices (example_ct, HU-windowed and normalised as in
-    tests/trained_models.py) resized to H x W, repeated over the C channels. Sizes above 512 or non-square ones are
+    sample_models/trained_models.py) resized to H x W, repeated over the C channels. Sizes above 512 or non-square ones are
     interpolated from the 512 x 512 slices (only the B slices used are enlarged)."""
     import torch.nn.functional as F
 
-    from tests.trained_models import ct_slices
+    from sample_models import ct_slices
 
     batch, channels, height, width = shape
     square = height == width and height <= 512
@@ -151,7 +151,7 @@ def agreement_on_trained(config_name: str, workdir: Path) -> dict[str, Any]:
     """Train (or load cached) the small network, quantise it on training slices, save + load the INT8 artifact, and
     compare the artifact with the FP32 network on the held-out slices."""
     from networks.quantization import load_int8_artifact, prediction_agreement, quantize_int8, save_int8_artifact
-    from tests.trained_models import data_for, trained_model
+    from sample_models import data_for, trained_model
 
     start = time.perf_counter()
     model, config = trained_model(config_name)

@@ -97,7 +97,7 @@ def server_latencies(url: str, model: str, image_id: str) -> dict[str, float]:
 
 
 def run(repeats: int, threads: int | None, work: Path) -> dict[str, Any]:
-    from tests.server_fixture import start_server
+    from monailabel_app.launcher import start_server
 
     images = prepare_studies(work / "studies")
     conf = {"models": ",".join(MODELS), "model_dir": str(work / "models")}

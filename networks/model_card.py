@@ -443,7 +443,7 @@ CARD_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] 
     # Issue 5 attention classifiers. Paper sizes: HCT on a 2048 x 1664 mammogram (2 classes), Scopeformer on
     # 3-window 256 x 256 CT slices (the smallest input giving its 8 x 8 grid without repeated backbone features,
     # 6 labels), PatchConvNet-S60 on 224 x 224 RGB (1000 classes). Small variants with the kwargs and input sizes
-    # of their trained configurations in tests/trained_models.py (6 organ-presence labels).
+    # of their trained configurations in sample_models/trained_models.py (6 organ-presence labels).
     "hct": ({}, (1, 1, 2048, 1664), (1, 1, 256, 256)),
     "hct_small": ({"out_channels": 6, "strides": (2, 1, 1, 1, 1)}, (1, 1, 64, 64), (1, 1, 64, 64)),
     "scopeformer": ({}, (1, 3, 256, 256), (1, 3, 256, 256)),

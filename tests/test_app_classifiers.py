@@ -10,7 +10,6 @@ labelled sample studies; trained weights go to a temporary ``model_dir``. Tests 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,7 @@
 What is quantised (every Conv/Linear, attention projections included) and what stays float (the attention cores'
 activation x activation products, softmax, FAVOR+ features, LayerNorm/BatchNorm, activations) is checked on the
 networks' structure; agreement of INT8 with FP32 is measured on held-out real CT slices (example_ct) with the small
-variants trained briefly on the other slices for per-slice organ presence (tests/trained_models.py; labels are
+variants trained briefly on the other slices for per-slice organ presence (sample_models/trained_models.py; labels are
 TotalSegmentator outputs, not manual ground truth).
 """
 
@@ -23,7 +23,7 @@ from networks.quantization import (
     read_artifact_metadata,
     save_int8_artifact,
 )
-from tests.trained_models import CONFIGS, ct_slices, data_for, trained_model
+from sample_models import CONFIGS, ct_slices, data_for, trained_model
 
 # config name -> (attention core type kept float, number of such modules, depthwise convs kept float, float layer
 # types that must be reported). Depthwise: EfficientNet-B0's 16 MBConv blocks, PatchConvNet-small's 6 blocks.

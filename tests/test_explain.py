@@ -31,6 +31,7 @@ from networks.explain import (
 from networks.factory import create_model
 
 pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
     # torch.jit.trace of the models' input checks, and torch's own deprecation of quantised tensors (quantize_dynamic)
     pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean might cause the trace"),
     pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor, torch.quantize_per_channel"),
@@ -42,15 +43,6 @@ TOP_FRACTION = 0.10
 # HCT-small's strides reduce 64 pixels to a 1 x 1 last stage; these keep 8 x 8 maps in the attention stages 3-4, as
 # the default strides do for the paper's large mammograms
 HCT_STRIDES = (2, 1, 1, 1, 1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread, restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def blob_bar_images(count: int, generator: torch.Generator, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:

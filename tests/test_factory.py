@@ -10,21 +10,11 @@ from torch import nn
 
 import networks.factory as factory
 from networks import SaDNNCls, SaDNNSeg, create_model, list_models, register_model
+from networks.model_card import count_parameters
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 BUILTIN = ["resnet18_baseline", "sadnn_cls", "sadnn_cls_small", "sadnn_seg", "sadnn_seg_small", "unet_baseline"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs, which dominate on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.fixture
@@ -41,18 +31,18 @@ def test_builtin_models_are_listed_sorted():
 
 def test_paper_models_by_name():
     seg = create_model("sadnn_seg")
-    assert isinstance(seg, SaDNNSeg) and n_params(seg) == 7_971_298
+    assert isinstance(seg, SaDNNSeg) and count_parameters(seg) == 7_971_298
     cls = create_model("sadnn_cls")
-    assert isinstance(cls, SaDNNCls) and n_params(cls) == 4_563_102
+    assert isinstance(cls, SaDNNCls) and count_parameters(cls) == 4_563_102
 
 
 def test_small_models_are_cpu_sized_and_run():
     torch.manual_seed(0)
     seg = create_model("sadnn_seg_small")
-    assert 100_000 <= n_params(seg) <= 300_000
+    assert 100_000 <= count_parameters(seg) <= 300_000
     assert seg(torch.randn(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     cls = create_model("sadnn_cls_small", out_channels=3)
-    assert n_params(cls) < 300_000
+    assert count_parameters(cls) < 300_000
     assert cls(torch.randn(2, 1, 128, 128)).shape == (2, 3)
 
 

@@ -9,20 +9,10 @@ import torch.nn.functional as F
 
 from networks.blocks.nystrom_attention import NystromAttention
 from networks.blocks.performer_attention import PerformerAttention
+from networks.model_card import count_parameters
 from networks.nets.hct import HCT, HCT_ATTENTIONS, AttentionConvBlock, MultiheadSelfAttention, PreActBasicBlock
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # two OpenMP threads on a shared, loaded 2-core machine spin against each other: one thread is faster here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _resnet22_params(attention_stages: tuple[int, ...]) -> int:

@@ -150,7 +150,7 @@ def test_artifact_made_here_runs_the_same_under_each_class(tmp_path):
     """A portable INT8 artifact of the trained small SaDNN-seg, made in this process, run in a child forced to the
     AVX2 class and in one at this CPU's best: both agree with each other and with FP32 as closely as here."""
     from networks.quantization import prediction_agreement
-    from tests.trained_models import data_for, trained_model
+    from sample_models import data_for, trained_model
 
     model, config = trained_model("sadnn_seg_small_2d")
     data = data_for(config)

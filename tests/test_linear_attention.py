@@ -21,16 +21,9 @@ from networks.blocks.performer_attention import (
     relu_kernel_features,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # two OpenMP threads on a shared, loaded 2-core machine spin against each other: one thread is faster here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def exact_softmax_attention(query, key, value):

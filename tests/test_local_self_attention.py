@@ -20,16 +20,9 @@ from networks.blocks.local_self_attention import (
     register_attention_backend,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs, which dominate on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def reference_attention(q, k, v, rel, kernel_size, heads):

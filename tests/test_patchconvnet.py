@@ -8,20 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from networks.blocks.class_attention import ClassAttention, ClassAttentionBlock
+from networks.model_card import count_parameters
 from networks.nets.patchconvnet import ChannelsFirstLayerNorm, PatchConvBlock, PatchConvNet, patch_conv_stem
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # two OpenMP threads on a shared, loaded 2-core machine spin against each other: one thread is faster here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_s60_parameter_counts():

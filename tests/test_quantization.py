@@ -1,7 +1,7 @@
 """INT8 post-training quantisation, TorchScript artifacts and INT8-vs-FP32 agreement.
 
 Agreement is measured on held-out real CT slices/crops (example_ct) with networks trained briefly on the other
-slices (tests/trained_models.py; cached under <data dir>/test_cache after the first run).
+slices (sample_models/trained_models.py; cached under <data dir>/test_cache after the first run).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from networks.quantization import (
     save_fp32_artifact,
     save_int8_artifact,
 )
-from tests.trained_models import ct_slices, data_for, trained_model
+from sample_models import ct_slices, data_for, trained_model
 
 
 @pytest.fixture(autouse=True)

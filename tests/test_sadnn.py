@@ -7,19 +7,9 @@ import torch
 from torch import nn
 
 from networks import LocalSelfAttention, SaDNNCls, SaDNNSeg, resnet18_baseline, unet_baseline
+from networks.model_card import count_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs, which dominate on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _attention_params(cin: int, cout: int, k: int = 3) -> int:
@@ -37,7 +27,7 @@ def test_sadnn_seg_paper_parameter_count():
     expected = sum(_attention_params(i, o) + 2 * o for i, o in encoder) + sum(_attention_params(i, o) for i, o in decoder)
     expected += _attention_params(32, 2, k=1)
     # ../shared/REFERENCE.md: 7,971,298 with relative embeddings; 7,950,720 projection weights (the paper's "7.95M")
-    assert n_params(net) == expected == 7_971_298
+    assert count_parameters(net) == expected == 7_971_298
     projections = sum(
         p.numel() for name, p in net.named_parameters() if name.endswith(("query.weight", "key.weight", "value.weight"))
     )
@@ -100,7 +90,7 @@ def test_sadnn_cls_paper_parameter_count_and_head():
     widths = [1, 16, 16, 32, 32, 64, 64, 64, 64, 64, 64, 64]
     blocks = sum(_attention_params(i, o) + 2 * o for i, o in zip(widths, widths[1:]))
     fc = sum(i * o + o for i, o in [(4096, 1024), (1024, 256), (256, 64), (64, 14)])
-    assert n_params(net) == blocks + fc == 4_563_102  # ../shared/REFERENCE.md: 4,563,102 at 14 classes
+    assert count_parameters(net) == blocks + fc == 4_563_102  # ../shared/REFERENCE.md: 4,563,102 at 14 classes
     assert net.fc_in_features == 4096
     linears = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
     assert linears == [(4096, 1024), (1024, 256), (256, 64), (64, 14)]

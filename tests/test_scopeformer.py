@@ -19,16 +19,9 @@ from networks.nets.scopeformer import (
     weighted_multilabel_log_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = dict(dim=24, depth=1, heads=2, mlp_dim=32, grid=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # two OpenMP threads on a shared, loaded 2-core machine spin against each other: one thread is faster here
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -40,14 +40,16 @@ from MedAttnSlicerLib import (
     TrainingFailed,
     compose_label_map,
     default_model,
+    formatting,
+    heatmap,
     label_values,
     model_cards,
     normalize_server_url,
     overlay_from_comparison_map,
     overlay_from_masks,
     split_label_map,
+    workflows,
 )
-from MedAttnSlicerLib import formatting, heatmap, workflows
 from MedAttnSlicerLib.multipart import encode_multipart_formdata, file_suffix, parse_multipart
 
 # --------------------------------------------------------------------------- fixtures and helpers

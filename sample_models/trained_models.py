@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Small networks trained briefly on real CT, shared by tests and benchmarks.
 
 The data are TotalSegmentator's ``example_ct.nii.gz`` (abdomen CT, 3 mm) and its ``total`` label map
@@ -9,7 +10,7 @@ Even slices (and four of the eight 3D crops) train and calibrate; odd slices (th
 Trained weights are cached as :mod:`networks.checkpoint` files under ``<data dir>/test_cache`` keyed by a hash of
 the training configuration (and this module's data preparation version), so only the first run pays for training.
 
-    >>> from tests.trained_models import trained_model, ct_slices
+    >>> from sample_models import trained_model, ct_slices
     >>> model, config = trained_model("sadnn_seg_small_2d")
     >>> data = ct_slices(64)
 """
@@ -340,7 +341,7 @@ def training_environment() -> dict[str, str]:
 _TRAIN_CHILD = """
 import pickle, sys
 from networks.checkpoint import save_checkpoint
-from tests.trained_models import train
+from sample_models.trained_models import train
 config, path = pickle.loads(sys.stdin.buffer.read())
 model, meta = train(config)
 save_checkpoint(model, path, factory_name=config.model_name, factory_kwargs=config.model_kwargs, metadata=meta)
