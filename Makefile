@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 # The two commands the README promises:
 #   make serve   set up, fetch sample data, build the datastore, start the MONAI Label server on 127.0.0.1:8000
 #   make test    set up, then run the whole test suite

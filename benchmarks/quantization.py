@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """INT8 vs FP32 benchmark: latency, file size and prediction agreement of the quantised networks.
 
     python -m benchmarks.quantization [--quick] [--repeats N] [--out results.json] [--compile auto|all|off]

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Model cards: parameters, multiply-accumulates, FP32/INT8 file sizes and the 45 nm energy estimate per forward.
 
 MACs come from :class:`torch.utils.flop_counter.FlopCounterMode` for the convolutions and matrix products it sees

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Sample data for MedAttnSlicer: small public CT/MR volumes and a ready MONAI Label datastore.
 
 ``python -m sample_data`` (or :func:`fetch` + :func:`build_datastore`) downloads two pinned PyPI files with

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """``python -m sample_data [--data-dir D] [--organs liver spleen ...] [--images ...] [--force]``
 
 Fetches and verifies the sample data, builds the datastore for the given organs (default: liver) and prints

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Download one pinned distribution with pip, check its sha256, and extract chosen members safely.
 
 Nothing is installed: pip runs as ``pip download --no-deps`` into a private temporary folder, and for the sdist

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """TotalSegmentator class maps (label value -> structure name), read without importing TotalSegmentator.
 
 ``totalsegmentator/map_to_binary.py`` defines ``class_map = {"total": {1: "spleen", ...}, "total_mr": {...}, ...}``.

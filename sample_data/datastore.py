@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Build a MONAI Label local datastore (images + binary/multi-organ labels) from the sample data.
 
 Layout (what ``monailabel.datastore.local.LocalDatastore`` scans)::

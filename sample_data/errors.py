@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Exceptions raised by :mod:`sample_data`; every message names the file, package or organ at fault."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Fetch, verify and extract the sample data into a cache folder.
 
 Layout of the cache (``default_data_dir()`` unless told otherwise)::

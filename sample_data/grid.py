@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Voxel-grid helpers: compare image geometries and find one volume's voxels inside another."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Where the sample-data cache lives."""
 
 from __future__ import annotations

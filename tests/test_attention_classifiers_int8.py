@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """INT8 path of the attention classifiers of issue 5: HCT, Efficient Scopeformer and PatchConvNet.
 
 What is quantised (every Conv/Linear, attention projections included) and what stays float (the attention cores'

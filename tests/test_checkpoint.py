@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """networks.checkpoint: save/load round trip through the factory, atomic writes, clear errors."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Model factory: registry, defaults, overrides and errors."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Local self-attention (SASA) core and layer: exactness against a per-pixel loop, gradients, errors, memory."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """networks.model_card: parameters, MACs (counter + rules), energy, real file sizes, JSON and radar PNG."""
 
 from __future__ import annotations

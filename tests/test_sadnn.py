@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """SaDNN-seg, SaDNN-cls and the MONAI baselines: paper parameter counts, structure, 2D/3D shapes, errors."""
 
 from __future__ import annotations

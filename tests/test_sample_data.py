@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Tests of sample_data with the real pinned files (downloaded once into the real cache by the first fixture)."""
 
 from __future__ import annotations
