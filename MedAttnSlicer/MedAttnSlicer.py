@@ -30,6 +30,7 @@ from slicer.util import VTKObservationMixin
 from MedAttnSlicerLib import (
     AGREEMENT,
     CLASSIFICATION,
+    IDLE_POLL_INTERVAL_MS,
     OVER_SEGMENTATION,
     SEGMENT_STYLES,
     SEGMENTATION,
@@ -56,7 +57,6 @@ from MedAttnSlicerLib import formatting, workflows
 SETTINGS_SERVER_URLS = "MedAttnSlicer/serverUrls"
 IMAGE_ID_ATTRIBUTE = "MedAttnSlicer.ImageId"
 MODEL_ATTRIBUTE = "MedAttnSlicer.Model"
-POLL_INTERVAL_MS = 100
 
 #: (text in the Reference combo box, workflows choice)
 REFERENCE_CHOICES = [
@@ -446,7 +446,7 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             error, "".join(traceback.format_exception(type(error), error, error.__traceback__))
         )
         self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.setInterval(IDLE_POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
 
         self.urlHistory = ServerUrlHistory.from_setting(qt.QSettings().value(SETTINGS_SERVER_URLS))
@@ -573,6 +573,11 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._requireIdle()  # before creating anything a refused job would leave behind
         return self.logic.newJobDirectory()
 
+    def _startPolling(self):
+        # Often while data moves (each poll lends the GIL to the worker, see MedAttnSlicerLib.jobs), else relaxed.
+        self.pollTimer.setInterval(self.logic.runner.poll_interval_ms)
+        self.pollTimer.start()
+
     def startJob(self, name, function, *args, onFinished=None, jobDir=None, **kwargs):
         """Run a foreground job (one at a time) with the shared progress bar and Cancel button.
 
@@ -613,7 +618,7 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress figure
         self.ui.jobStatusLabel.setText(f"{name}...")
-        self.pollTimer.start()
+        self._startPolling()
         self.updateButtons()
         return self.currentJob
 
@@ -634,6 +639,8 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._polling = False
         if not self.logic.runner.busy:
             self.pollTimer.stop()
+        else:
+            self.pollTimer.setInterval(self.logic.runner.poll_interval_ms)
         self.updateButtons()
 
     def onJobProgress(self, event):
@@ -908,10 +915,11 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             on_finished=self.onTrainFinished,
             on_failed=self.onTrainEnded,
             on_cancelled=self.onTrainEnded,
+            transfers=False,  # follows the server's training for minutes: relaxed polling
         )
         self.ui.trainProgressBar.setRange(0, 0)
         self.ui.trainStatusLabel.setText(f"Starting training '{task}'...")
-        self.pollTimer.start()
+        self._startPolling()
         self.updateButtons()
 
     @_reportErrors
@@ -955,7 +963,12 @@ class MedAttnSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = self.ui.scoringMethodComboBox.currentText
         self.ui.scoresSummaryLabel.setText(f"Scoring {method} on every image...")
         self.startJob(
-            f"Scoring {method}", workflows.run_scoring, client, method, onFinished=lambda ds: self.onScored(ds, method)
+            f"Scoring {method}",
+            workflows.run_scoring,
+            client,
+            method,
+            onFinished=lambda ds: self.onScored(ds, method),
+            transfers=False,
         )
 
     def onScored(self, datastore, method):

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """MedAttnSlicerLib: everything of the MedAttnSlicer panel that is not drawing widgets.
 
 Importable without Slicer (no ``slicer``, ``qt``, ``vtk``, ``ctk``), using only the Python standard
@@ -14,6 +15,7 @@ Modules:
     labels       label values <-> named segments
     model_card   typed model entries of ``/info/``
     formatting   text and table rows for the panel
+    transport    HTTP exchange: cancel by socket shutdown, bulk bodies in few GIL-free calls
     url_history  remembered server URLs
     errors       readable exception types
 """
@@ -40,7 +42,7 @@ from .heatmap import (
     heat_map_from_saliency,
     heat_map_indices,
 )
-from .jobs import Job, JobContext, JobEvent, JobRunner, JobState
+from .jobs import BUSY_POLL_INTERVAL_MS, IDLE_POLL_INTERVAL_MS, Job, JobContext, JobEvent, JobRunner, JobState
 from .labels import LabelSegment, compose_label_map, label_values, segment_color, split_label_map
 from .model_card import CLASSIFICATION, SEGMENTATION, ModelCard, default_model, model_cards
 from .multipart import MultipartPart, encode_multipart_formdata, parse_multipart
@@ -79,6 +81,8 @@ __all__ = [
     "heat_map_colors",
     "heat_map_from_saliency",
     "heat_map_indices",
+    "BUSY_POLL_INTERVAL_MS",
+    "IDLE_POLL_INTERVAL_MS",
     "Job",
     "JobContext",
     "JobEvent",
