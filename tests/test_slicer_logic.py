@@ -200,7 +200,9 @@ def slicer_standin(tmp_path, monkeypatch):
     slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
     slicer.vtkMRMLSegmentationNode = type("vtkMRMLSegmentationNode", (), {})
     slicer.subjectHierarchy = SubjectHierarchy()
-    slicer.vtkMRMLSubjectHierarchyNode = types.SimpleNamespace(GetSubjectHierarchyNode=lambda s: slicer.subjectHierarchy)
+    slicer.vtkMRMLSubjectHierarchyNode = types.SimpleNamespace(
+        GetSubjectHierarchyNode=lambda scene_: slicer.subjectHierarchy
+    )
     slicer.dicomDatabase = DicomDatabase({})
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .cancel import CancelToken
-from .errors import ProtocolError, ServerError
+from .errors import MedAttnClientError, ProtocolError, ServerError
 from .heatmap import explanation_key
 from .multipart import encode_multipart_formdata, file_suffix, parse_multipart, parts_by_name
 from .transport import Exchange, parse_json, query_url
@@ -156,16 +156,23 @@ class MonaiLabelClient:
 
         Raises:
             ValueError: empty user name or password.
-            ServerError: wrong credentials (401 from the realm, passed on by the server) and the like.
+            MedAttnClientError: the server refused the log-in (wrong user name or password).
             ProtocolError: the server has authentication disabled (it returns no token).
         """
         if not username or not password:
             raise ValueError("Enter a user name and a password to log in.")
         form = urllib.parse.urlencode({"username": username, "password": password}).encode("ascii")
         self.auth_token = None  # a failed log-in must not leave the previous user's token in use
-        answer = self._json(
-            "POST", "/auth/token", body=form, content_type="application/x-www-form-urlencoded", cancel=cancel
-        )
+        try:
+            answer = self._json(
+                "POST", "/auth/token", body=form, content_type="application/x-www-form-urlencoded", cancel=cancel
+            )
+        except ServerError as error:
+            # MONAI Label 0.8.5 passes the realm's refusal on as a 500 without detail.
+            raise MedAttnClientError(
+                f"Log-in as '{username}' was refused by {self._server_url} ({error.status}): "
+                "check the user name and password."
+            ) from error
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not token:
             raise ProtocolError(f"{self._server_url} has authentication disabled: it returned no access token")

@@ -188,12 +188,14 @@ class SegmentationPanelMixin:
             segmentationNode = self.ui.submitSegmentationSelector.currentNode()
             if segmentationNode is None:
                 raise ValueError("Choose the segmentation to save.")
-            suggested = os.path.join(slicer.app.defaultScenePath, fileSafe(segmentationNode.GetName()) + SEGMENTATION_FILE_SUFFIX)
+            fileName = fileSafe(segmentationNode.GetName()) + SEGMENTATION_FILE_SUFFIX
+            suggested = os.path.join(slicer.app.defaultScenePath, fileName)
             path = qt.QFileDialog.getSaveFileName(
                 slicer.util.mainWindow(), "Save segmentation", suggested, f"Segmentation (*{SEGMENTATION_FILE_SUFFIX})"
             )
-            if path:
-                self.showMessage(f"Saved '{segmentationNode.GetName()}' to {self.logic.saveSegmentation(segmentationNode, path)}.")
+            if path:  # empty when the user cancelled the dialog
+                saved = self.logic.saveSegmentation(segmentationNode, path)
+                self.showMessage(f"Saved '{segmentationNode.GetName()}' to {saved}.")
 
     def onExportDicomSeg(self):
         with self.userAction("Could not export DICOM SEG."):

@@ -98,7 +98,8 @@ class SelfTestCases:
                 volumeNode.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
                 labelPath = os.path.join(logic.newJobDirectory(), "label.nii.gz")
                 labelNode = slicer.util.addVolumeFromArray(
-                    (slicer.util.arrayFromVolume(volumeNode) > 0).astype(np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode"
+                    (slicer.util.arrayFromVolume(volumeNode) > 0).astype(np.uint8),
+                    nodeClassName="vtkMRMLLabelMapVolumeNode",
                 )
                 labelNode.CopyOrientation(volumeNode)
                 self.assertTrue(slicer.util.exportNode(labelNode, labelPath, {}))
@@ -115,7 +116,8 @@ class SelfTestCases:
         overlay = overlay_from_masks(prediction, reference, self.logicClass.spacingOf(volumeNode))
         overlayNode = self.logicClass().showOverlay(overlay, volumeNode, "overlay")
         segmentation = overlayNode.GetSegmentation()
-        expected = {SEGMENT_STYLES[v][0]: SEGMENT_STYLES[v][1] for v in (AGREEMENT, OVER_SEGMENTATION, UNDER_SEGMENTATION)}
+        styles = [SEGMENT_STYLES[value] for value in (AGREEMENT, OVER_SEGMENTATION, UNDER_SEGMENTATION)]
+        expected = {name: color for name, color, *_ in styles}
         shown = {}
         for index in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(index)
@@ -152,7 +154,9 @@ class SelfTestCases:
 
     def test_TemporaryNodesLeaveNothing(self):
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        labelNode = slicer.util.addVolumeFromArray(np.ones((2, 3, 4), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+        labelNode = slicer.util.addVolumeFromArray(
+            np.ones((2, 3, 4), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode"
+        )
         labelNode.CreateDefaultDisplayNodes()
         labelNode.CreateDefaultStorageNode()
         self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)

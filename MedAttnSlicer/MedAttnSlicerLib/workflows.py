@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .client import InferResult, MonaiLabelClient
-from .errors import MedAttnClientError, OperationCancelled, ProtocolError, TrainingFailed
+from .errors import MedAttnClientError, OperationCancelled, ProtocolError, ServerError, TrainingFailed
 from .formatting import training_fraction, training_text
 from .heatmap import explanation_key
 from .jobs import JobContext
@@ -111,7 +111,17 @@ def connect(
             )
         ctx.progress(None, f"Logging in as '{username}'")
         client.login(username, password, cancel=ctx.cancel_token)
-    elif username:
+        try:
+            return client.info(cancel=ctx.cancel_token)
+        except ServerError as error:
+            if error.status != 401:
+                raise
+            # MONAI Label 0.8.5 with PyJWT 2 does this for every token (jwt.decode without "algorithms").
+            raise MedAttnClientError(
+                f"{client.server_url} logged '{username}' in but refuses the token it issued ({error.detail}): "
+                "the server cannot check its own tokens; its log says why."
+            ) from error
+    if username:
         ctx.progress(None, f"{client.server_url} has no log-in; connecting without one")
     return client.info(cancel=ctx.cancel_token)
 
