@@ -44,9 +44,10 @@ from MedAttnSlicerLib import (
     MonaiLabelClient,
     OperationCancelled,
     ServerUrlHistory,
+    formatting,
     model_cards,
+    workflows,
 )
-from MedAttnSlicerLib import formatting, workflows
 from MedAttnSlicerLib.classification_panel import ClassificationPanelMixin
 from MedAttnSlicerLib.qt_tables import fillCombo, setupTable
 from MedAttnSlicerLib.scene_export import SceneExportMixin

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """MedAttnSlicerLib without Slicer and without our app server.
 
 The HTTP tests talk to tiny stdlib ``http.server`` instances on 127.0.0.1:0 that stand in for
@@ -40,14 +41,16 @@ from MedAttnSlicerLib import (
     TrainingFailed,
     compose_label_map,
     default_model,
+    formatting,
+    heatmap,
     label_values,
     model_cards,
     normalize_server_url,
     overlay_from_comparison_map,
     overlay_from_masks,
     split_label_map,
+    workflows,
 )
-from MedAttnSlicerLib import formatting, heatmap, workflows
 from MedAttnSlicerLib.multipart import encode_multipart_formdata, file_suffix, parse_multipart
 
 # --------------------------------------------------------------------------- fixtures and helpers

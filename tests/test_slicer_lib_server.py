@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """MedAttnSlicerLib against the real MedAttnSlicer MONAI Label server.
 
 The panel's library (its client, job runner and workflows; never ``requests`` or MONAI Label's client) drives one
@@ -35,6 +36,7 @@ from MedAttnSlicerLib import (
     compose_label_map,
     default_model,
     explanation_key,
+    formatting,
     heat_map_colors,
     heat_map_from_saliency,
     heat_map_indices,
@@ -43,8 +45,8 @@ from MedAttnSlicerLib import (
     overlay_from_comparison_map,
     overlay_from_masks,
     split_label_map,
+    workflows,
 )
-from MedAttnSlicerLib import formatting, workflows
 from tests.image_checks import assert_same_grid, read_array
 from tests.server_fixture import ServerHandle, free_port, start_sample_server
 

@@ -20,6 +20,7 @@ register socket shutdowns on that token, so a job waiting for a server answer st
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -343,7 +344,5 @@ class JobRunner:
         for job in self.active_jobs:
             if job.thread is not None:
                 job.thread.join(timeout_s)
-        try:
+        with contextlib.suppress(Exception):  # callbacks of a closing panel must not block cleanup
             self.poll()
-        except Exception:  # noqa: BLE001 - callbacks of a closing panel must not block cleanup
-            pass

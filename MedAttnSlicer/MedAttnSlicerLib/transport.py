@@ -14,6 +14,7 @@ cancelling shuts the socket down, which ends a blocked call at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
@@ -57,10 +58,8 @@ class _SocketRegistry:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class _KernelTimeouts:
@@ -88,10 +87,8 @@ class _KernelTimeouts:
         return self.sock
 
     def __exit__(self, *exc_info: Any) -> None:
-        try:
+        with contextlib.suppress(OSError):  # shut down or closed meanwhile (cancel)
             self.sock.settimeout(self.previous)
-        except OSError:  # shut down or closed meanwhile (cancel)
-            pass
 
 
 def _tracking_connection(
@@ -224,7 +221,7 @@ class Exchange:
             return
         # What http.client read past the headers is in its buffer: read1 returns exactly that (or, when the
         # buffer is empty, what one recv gives); the rest is still in the socket.
-        head = self._guard(lambda: response.fp.read1(min(length, 1 << 16))) if length else b""
+        head = self._guard(response.fp.read1, min(length, 1 << 16)) if length else b""
         remaining = length - len(head)
         if head:
             yield head
@@ -234,7 +231,7 @@ class Exchange:
                 view = memoryview(block)
                 received = 0
                 while received < len(block):
-                    count = self._guard(lambda: sock.recv_into(view[received:], len(block) - received, _WAITALL))
+                    count = self._guard(sock.recv_into, view[received:], len(block) - received, _WAITALL)
                     if count == 0:
                         self._raise_if_cancelled()
                         raise ServerUnavailable(self.url, "the server closed the connection before the end of the body")
@@ -247,7 +244,7 @@ class Exchange:
     def _iter_buffered(self) -> Iterator[bytes]:
         assert self.response is not None
         while True:
-            chunk = self._guard(lambda: self.response.read(_CHUNK_BYTES))
+            chunk = self._guard(self.response.read, _CHUNK_BYTES)
             self._raise_if_cancelled()
             if not chunk:
                 return
@@ -265,9 +262,10 @@ class Exchange:
         if self.cancel is not None and self.cancel.cancelled:
             raise OperationCancelled(self.cancel.reason or "Cancelled.")
 
-    def _guard(self, read: Callable[[], Any]) -> Any:
+    def _guard(self, read: Callable[..., Any], *args: Any) -> Any:
+        """``read(*args)`` with socket and HTTP errors translated."""
         try:
-            return read()
+            return read(*args)
         except Exception as error:
             translated = self._translate(error)
             if translated is error:

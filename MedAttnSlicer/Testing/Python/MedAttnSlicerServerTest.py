@@ -27,8 +27,9 @@ from MedAttnSlicerLib import (
     JobState,
     MedAttnClientError,
     ServerError,
+    formatting,
+    workflows,
 )
-from MedAttnSlicerLib import formatting, workflows
 
 
 def _serverUnavailable(url, timeout_s=3.0):
