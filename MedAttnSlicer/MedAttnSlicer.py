@@ -336,7 +336,7 @@ class MedAttnSlicerWidget(
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         parameters = self._parameterNode
-        if parameters.serverUrl and not self.ui.serverComboBox.currentText:
+        if parameters.serverUrl:  # the server this scene was worked on
             self.ui.serverComboBox.setCurrentText(parameters.serverUrl)
         choices = [choice for _, choice in REFERENCE_CHOICES]
         if parameters.reference in choices:

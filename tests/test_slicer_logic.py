@@ -410,3 +410,51 @@ def test_dicom_seg_export_only_for_volumes_from_the_dicom_database(slicer_standi
     plugin.error = "Referenced volume is not found"
     with pytest.raises(module.MedAttnClientError, match="Referenced volume is not found"):
         logic.exportDicomSeg(segmentation, volume, str(tmp_path))
+
+
+def test_logic_owns_the_server_info_and_keeps_no_password(slicer_standin):
+    """Logic.connect (the Connect job) logs in when the server asks, keeps /info/ itself, and the password it was
+    given is nowhere in the Logic or its client afterwards (only the server's token, in memory)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    module, scene, util = slicer_standin
+    answers = {"/auth/": {"enabled": True}, "/info/": {"name": "MedAttnSlicer", "models": {}}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send(answers[self.path])
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"access_token": "token-of-the-day", "token_type": "bearer"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    logic = module.MedAttnSlicerLogic()
+    try:
+        logic.setServer(f"http://127.0.0.1:{server.server_address[1]}")
+        assert logic.info is None and not logic.loggedIn
+        job = logic.runner.wait(logic.runner.submit("connect", logic.connect, "annotator", "s3cret-pw"), 30)
+        assert job.state == "finished", job.error
+    finally:
+        server.shutdown()
+        logic.cleanup()
+    assert logic.info == answers["/info/"] and job.result is logic.info
+    assert logic.loggedIn and logic.client.auth_token == "token-of-the-day"
+    kept = repr(vars(logic)) + repr(vars(logic.client))
+    assert "s3cret-pw" not in kept
+    logic.setServer("http://127.0.0.1:1")  # another server: the log-in does not carry over
+    assert not logic.loggedIn and logic.info is None

@@ -61,7 +61,7 @@ class SelfTestCases:
         widget.ui.inputVolumeSelector.setCurrentNode(volumeNode)
         widget.ui.maxEpochsSpinBox.value = 7
         parameters = widget.logic.getParameterNode()
-        self.assertIs(parameters.inputVolume, volumeNode)
+        self.assertEqual(parameters.inputVolume, volumeNode)
         self.assertEqual(parameters.maxEpochs, 7)
         self.assertTrue(slicer.mrmlScene.IsNodePresent(parameters.parameterNode))
         self.assertTrue(parameters.parameterNode.GetSaveWithScene())
