@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """MedAttnSlicerLib without Slicer and without our app server.
 
 The HTTP tests talk to tiny stdlib ``http.server`` instances on 127.0.0.1:0 that stand in for

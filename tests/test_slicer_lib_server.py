@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """MedAttnSlicerLib against the real MedAttnSlicer MONAI Label server.
 
 The panel's library (its client, job runner and workflows; never ``requests`` or MONAI Label's client) drives one

@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from MedAttnSlicerLib import overlay_from_masks
+
 MODULE_PY = Path(__file__).resolve().parents[1] / "MedAttnSlicer" / "MedAttnSlicer.py"
+SLICER_SIDE = ("scene_results", "scene_export", "server_panel", "segmentation_panel", "training_panel",
+               "classification_panel", "qt_tables", "self_test")
 
 
 class Node:
@@ -151,26 +155,73 @@ class Matrix4x4:
     def MultiplyPoint(self, point): return tuple(self.m @ np.asarray(point, float))
 
 
+class SubjectHierarchy:
+    """vtkMRMLSubjectHierarchyNode: items are data nodes here; a volume's parent item is its study."""
+
+    def __init__(self):
+        self.parents = {}
+
+    def GetItemByDataNode(self, node): return node
+    def GetItemParent(self, item): return self.parents.get(item.id, f"study of {item.name}")
+    def SetItemParent(self, item, parent): self.parents[item.id] = parent
+
+
+class DicomDatabase:
+    def __init__(self, files): self.files, self.isOpen = files, True
+    def fileForInstance(self, uid): return self.files.get(uid, "")
+
+
+class ParameterNode:
+    """What slicer.parameterNodeWrapper gives: typed attributes over ScriptedLoadableModuleLogic's parameter node.
+    The stand-in keeps the annotated defaults; node-typed attributes start as None."""
+
+    def __init__(self, wrapped_class):
+        for name in wrapped_class.__annotations__:
+            setattr(self, name, getattr(wrapped_class, name, None))
+
+
+def _parameter_node_wrapper(cls):
+    def make(parameterNode):
+        return ParameterNode(cls)
+    make.__annotations__ = dict(cls.__annotations__)
+    make.wrapped_class = cls
+    return make
+
+
 @pytest.fixture
 def slicer_standin(tmp_path, monkeypatch):
     """Import MedAttnSlicer.py with stand-ins for slicer, qt and vtk; returns (module, scene, util)."""
     scene = Scene()
     util = Util(scene, tmp_path)
     markups = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *a: util.jumps.append(a[:3])))
-    base = type("Base", (), {"__init__": lambda self, *args: None})
+    base = type("Base", (), {"__init__": lambda self, *args: None, "getParameterNode": lambda self: None})
     slicer = types.ModuleType("slicer")
     slicer.mrmlScene, slicer.util, slicer.modules = scene, util, types.SimpleNamespace(markups=markups)
+    slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
+    slicer.vtkMRMLSegmentationNode = type("vtkMRMLSegmentationNode", (), {})
+    slicer.subjectHierarchy = SubjectHierarchy()
+    slicer.vtkMRMLSubjectHierarchyNode = types.SimpleNamespace(
+        GetSubjectHierarchyNode=lambda scene_: slicer.subjectHierarchy
+    )
+    slicer.dicomDatabase = DicomDatabase({})
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
                  "ScriptedLoadableModuleWidget"):
         setattr(scripted, name, type(name, (base,), {}))
     utilModule = types.ModuleType("slicer.util")
     utilModule.VTKObservationMixin = type("VTKObservationMixin", (base,), {})
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = _parameter_node_wrapper
+    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
     vtk = types.ModuleType("vtk")
     vtk.vtkMatrix4x4 = Matrix4x4
     for name, module in {"slicer": slicer, "slicer.ScriptedLoadableModule": scripted, "slicer.util": utilModule,
-                         "qt": types.ModuleType("qt"), "vtk": vtk}.items():
+                         "slicer.parameterNodeWrapper": wrapper, "qt": types.ModuleType("qt"), "vtk": vtk}.items():
         monkeypatch.setitem(sys.modules, name, module)
+    # The Slicer-side modules of MedAttnSlicerLib bind slicer/qt/vtk when imported: import them afresh.
+    for name in [n for n in sys.modules if n.startswith("MedAttnSlicerLib.")]:
+        if name.split(".")[1] in SLICER_SIDE:
+            monkeypatch.delitem(sys.modules, name)
     spec = importlib.util.spec_from_file_location("MedAttnSlicer_under_test", MODULE_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -252,7 +303,7 @@ def test_results_sit_under_the_volumes_parent_transform(slicer_standin, tmp_path
     assert segmentation.GetTransformNodeID() == expected
 
     prediction = volume.array > 0
-    overlay = module.overlay_from_masks(prediction, np.roll(prediction, 1, axis=2), logic.spacingOf(volume))
+    overlay = overlay_from_masks(prediction, np.roll(prediction, 1, axis=2), logic.spacingOf(volume))
     assert logic.showOverlay(overlay, volume, "overlay").GetTransformNodeID() == expected
     comparisonGeometry = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "comparison")  # server map, untransformed
     assert logic.showOverlay(overlay, comparisonGeometry, "served", volume).GetTransformNodeID() == expected
@@ -282,3 +333,128 @@ def test_temporary_files_live_in_slicers_temp_folder(slicer_standin, tmp_path):
     assert all(Path(job).parent == Path(logic.tempDir) for job in jobs) and jobs[0] != jobs[1]
     logic.cleanup()  # removes what a job still held when the module closed
     assert not any(os.path.exists(job) for job in jobs)
+
+
+def test_parameter_node_holds_the_panel_state(slicer_standin):
+    """Server URL, model choices, reference, input volume and the last results live in the scene's parameter node."""
+    module, scene, util = slicer_standin
+    fields = module.MedAttnSlicerParameterNode.__annotations__
+    for name in ("serverUrl", "segmentationModel", "classificationModel", "reference", "inputVolume",
+                 "submitSegmentation", "lastSegmentation", "lastOverlay", "lastHeatMap"):
+        assert name in fields, name
+    parameters = module.MedAttnSlicerLogic().getParameterNode()
+    assert parameters.reference == "segment" and parameters.inputVolume is None and parameters.serverUrl == ""
+
+
+def test_save_segmentation_as_seg_nrrd(slicer_standin, tmp_path):
+    module, scene, util = slicer_standin
+    logic = module.MedAttnSlicerLogic()
+    volume = _user_volume(scene, util, tmp_path)
+    segmentation = logic.segmentationFromLabelFile(_label_file(tmp_path / "label.npy", volume), volume, None, "seg")
+    path = logic.saveSegmentation(segmentation, str(tmp_path / "liver result"))
+    assert path == str(tmp_path / "liver result.seg.nrrd") and os.path.isfile(path)
+    assert segmentation.GetStorageNode().GetFileName() == path  # saved as the user asked: the node refers to it
+    assert logic.saveSegmentation(segmentation, str(tmp_path / "b.seg.nrrd")).endswith("b.seg.nrrd")
+    with pytest.raises(ValueError, match="does not exist"):
+        logic.saveSegmentation(segmentation, str(tmp_path / "missing" / "c.seg.nrrd"))
+    with pytest.raises(ValueError, match="Choose the segmentation"):
+        logic.saveSegmentation(None, str(tmp_path / "d"))
+
+
+class _DicomSegPlugin:
+    """Slicer's DICOMSegmentationPlugin as far as the Logic uses it (examineForExport, exportable.directory, export)."""
+
+    def __init__(self, error=""):
+        self.error, self.exported = error, []
+
+    def module(self):
+        plugin = self
+
+        class DICOMSegmentationPluginClass:
+            def examineForExport(self, item):
+                return [types.SimpleNamespace(subjectHierarchyItemID=item, directory=None)]
+
+            def export(self, exportables):
+                plugin.exported.extend(exportables)
+                return plugin.error
+
+        return types.SimpleNamespace(DICOMSegmentationPluginClass=DICOMSegmentationPluginClass)
+
+
+def test_dicom_seg_export_only_for_volumes_from_the_dicom_database(slicer_standin, tmp_path, monkeypatch):
+    module, scene, util = slicer_standin
+    slicer = sys.modules["slicer"]
+    logic = module.MedAttnSlicerLogic()
+    volume = _user_volume(scene, util, tmp_path)
+    segmentation = logic.segmentationFromLabelFile(_label_file(tmp_path / "label.npy", volume), volume, None, "seg")
+    # A volume read from a NIfTI/NRRD file: no DICOM SEG, and the message says what to do instead.
+    assert logic.dicomInstanceUids(volume) == []
+    with pytest.raises(ValueError, match=r"DICOM database.*\.seg\.nrrd"):
+        logic.exportDicomSeg(segmentation, volume, str(tmp_path))
+    # Loaded from the DICOM database, but a file left it: still no.
+    volume.SetAttribute("DICOM.instanceUIDs", "1.2.3 1.2.4")
+    slicer.dicomDatabase = DicomDatabase({"1.2.3": "/db/a.dcm"})
+    assert logic.dicomInstanceUids(volume) == []
+    slicer.dicomDatabase = DicomDatabase({"1.2.3": "/db/a.dcm", "1.2.4": "/db/b.dcm"})
+    assert logic.dicomInstanceUids(volume) == ["1.2.3", "1.2.4"]
+    # Slicer 5.4-5.10 without QuantitativeReporting: no exporter, a message naming what to install.
+    monkeypatch.setitem(sys.modules, "DICOMSegmentationPlugin", None)
+    with pytest.raises(module.MedAttnClientError, match="5.12.*QuantitativeReporting"):
+        logic.exportDicomSeg(segmentation, volume, str(tmp_path))
+    plugin = _DicomSegPlugin()
+    monkeypatch.setitem(sys.modules, "DICOMSegmentationPlugin", plugin.module())
+    assert logic.exportDicomSeg(segmentation, volume, str(tmp_path / "seg")) == str(tmp_path / "seg")
+    assert [e.directory for e in plugin.exported] == [str(tmp_path / "seg")]
+    assert plugin.exported[0].subjectHierarchyItemID is segmentation
+    assert slicer.subjectHierarchy.GetItemParent(segmentation) == "study of patient CT"  # the volume's study
+    plugin.error = "Referenced volume is not found"
+    with pytest.raises(module.MedAttnClientError, match="Referenced volume is not found"):
+        logic.exportDicomSeg(segmentation, volume, str(tmp_path))
+
+
+def test_logic_owns_the_server_info_and_keeps_no_password(slicer_standin):
+    """Logic.connect (the Connect job) logs in when the server asks, keeps /info/ itself, and the password it was
+    given is nowhere in the Logic or its client afterwards (only the server's token, in memory)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    module, scene, util = slicer_standin
+    answers = {"/auth/": {"enabled": True}, "/info/": {"name": "MedAttnSlicer", "models": {}}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send(answers[self.path])
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"access_token": "token-of-the-day", "token_type": "bearer"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    logic = module.MedAttnSlicerLogic()
+    try:
+        logic.setServer(f"http://127.0.0.1:{server.server_address[1]}")
+        assert logic.info is None and not logic.loggedIn
+        job = logic.runner.wait(logic.runner.submit("connect", logic.connect, "annotator", "s3cret-pw"), 30)
+        assert job.state == "finished", job.error
+    finally:
+        server.shutdown()
+        logic.cleanup()
+    assert logic.info == answers["/info/"] and job.result is logic.info
+    assert logic.loggedIn and logic.client.auth_token == "token-of-the-day"
+    kept = repr(vars(logic)) + repr(vars(logic.client))
+    assert "s3cret-pw" not in kept
+    logic.setServer("http://127.0.0.1:1")  # another server: the log-in does not carry over
+    assert not logic.loggedIn and logic.info is None

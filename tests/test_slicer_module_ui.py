@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Static checks of the Slicer module that need no Slicer: UI file vs code, packaging, imports."""
 
 import ast
@@ -22,10 +23,20 @@ MODULE_DIR = REPO / "MedAttnSlicer"
 MODULE_PY = MODULE_DIR / "MedAttnSlicer.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedAttnSlicer.ui"
 LIB_DIR = MODULE_DIR / "MedAttnSlicerLib"
+#: Modules of MedAttnSlicerLib that need Slicer (imported by MedAttnSlicer.py only, never by the package).
+SLICER_SIDE = ("scene_results", "scene_export", "server_panel", "segmentation_panel", "training_panel",
+               "classification_panel", "qt_tables", "self_test")
+#: Where the panel's code lives: the module script (Widget core) and its section mixins.
+PANEL_SOURCES = [MODULE_PY] + [LIB_DIR / f"{name}.py" for name in
+                               ("server_panel", "segmentation_panel", "training_panel", "classification_panel")]
+PANEL_CLASSES = {"MedAttnSlicerWidget", "ServerPanelMixin", "SegmentationPanelMixin", "TrainingPanelMixin",
+                 "ClassificationPanelMixin"}
 
 #: The one table of widgets the module code uses: name -> Qt/CTK/MRML class in the .ui file.
 WIDGETS = {
     "serverComboBox": "QComboBox",
+    "usernameLineEdit": "QLineEdit",
+    "passwordLineEdit": "QLineEdit",
     "connectButton": "QPushButton",
     "serverStatusLabel": "QLabel",
     "appStatusLabel": "QLabel",
@@ -48,6 +59,8 @@ WIDGETS = {
     "comparisonTable": "QTableWidget",
     "submitSegmentationSelector": "qMRMLNodeComboBox",
     "submitButton": "QPushButton",
+    "saveSegmentationButton": "QPushButton",
+    "exportDicomSegButton": "QPushButton",
     "trainTaskComboBox": "QComboBox",
     "maxEpochsSpinBox": "QSpinBox",
     "trainButton": "QPushButton",
@@ -76,6 +89,8 @@ MEMBER_CLASSES = {
     "addItem": {"QComboBox"},
     "addItems": {"QComboBox"},
     "setCurrentIndex": {"QComboBox"},
+    "setCurrentText": {"QComboBox"},
+    "text": {"QLineEdit"},
     "setItemData": {"QComboBox"},
     "count": {"QComboBox"},
     "currentNode": {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"},
@@ -92,7 +107,7 @@ MEMBER_CLASSES = {
     "setVisible": None,
     "setEnabled": None,
     "enabled": None,
-    "clear": {"QComboBox", "QLabel", "QTableWidget"},
+    "clear": {"QComboBox", "QLabel", "QTableWidget", "QLineEdit"},
 }
 
 
@@ -106,8 +121,12 @@ def _ui_widgets():
     return root, widgets
 
 
+def _panel_source():
+    return "\n".join(path.read_text() for path in PANEL_SOURCES)
+
+
 def _code_ui_usage():
-    source = MODULE_PY.read_text()
+    source = _panel_source()
     names = set(re.findall(r"self\.ui\.(\w+)", source))
     members = re.findall(r"self\.ui\.(\w+)\.(\w+)", source)
     return source, names, members
@@ -137,8 +156,8 @@ def test_members_used_exist_on_the_widget_classes():
 
 def test_tables_and_mrml_widgets_are_wired():
     root, ui_widgets = _ui_widgets()
-    source = MODULE_PY.read_text()
-    for table in re.findall(r"_(?:fill|setup)Table\(self\.ui\.(\w+)", source):
+    source = _panel_source()
+    for table in re.findall(r"(?:fill|setup)Table\(self\.ui\.(\w+)", source):
         assert ui_widgets[table] == "QTableWidget"
     assert root.find("class").text == "MedAttnSlicer"
     top = root.find("widget")
@@ -179,19 +198,30 @@ def test_module_compiles_and_defines_slicer_classes(tmp_path):
         if isinstance(node, ast.ClassDef)
     }
     assert bases["MedAttnSlicer"] == ["ScriptedLoadableModule"]
-    assert bases["MedAttnSlicerWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["MedAttnSlicerLogic"] == ["ScriptedLoadableModuleLogic"]
-    assert bases["MedAttnSlicerTest"] == ["ScriptedLoadableModuleTest"]
+    assert bases["MedAttnSlicerWidget"] == [
+        "ScriptedLoadableModuleWidget", "VTKObservationMixin", "ServerPanelMixin", "SegmentationPanelMixin",
+        "TrainingPanelMixin", "ClassificationPanelMixin"]
+    assert bases["MedAttnSlicerLogic"] == ["ScriptedLoadableModuleLogic", "SceneResultsMixin", "SceneExportMixin"]
+    assert bases["MedAttnSlicerTest"] == ["ScriptedLoadableModuleTest", "SelfTestCases"]
+    assert bases["MedAttnSlicerParameterNode"] == []
     source = MODULE_PY.read_text()
+    assert "@parameterNodeWrapper\nclass MedAttnSlicerParameterNode" in source
+    lib_source = "\n".join((LIB_DIR / f"{name}.py").read_text() for name in SLICER_SIDE)
     for call in ("slicer.util.loadUI(", "slicer.util.childWidgetVariables(", "qt.QTimer()", "qt.QSettings()",
                  "slicer.util.exportNode(", "slicer.util.arrayFromVolume(", "slicer.util.errorDisplay(",
-                 "slicer.util.tempDirectory("):
-        assert call in source, f"MedAttnSlicer.py should use {call}"
+                 "slicer.util.tempDirectory(", "slicer.util.tryWithErrorDisplay(", ".connectGui(self.ui)"):
+        assert call in source + lib_source, f"the module should use {call}"
+    # User actions report errors through Slicer's tryWithErrorDisplay, not a hand-written decorator.
+    assert "_reportErrors" not in source + lib_source
     # The user's volume goes to the server as a copy: saveNode would re-point its storage node at a temp file.
-    logic = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerLogic")
-    write = ast.get_source_segment(source, next(n for n in logic.body if getattr(n, "name", "") == "writeVolume"))
+    scene = (LIB_DIR / "scene_results.py").read_text()
+    mixin = next(n for n in ast.parse(scene).body if isinstance(n, ast.ClassDef) and n.name == "SceneResultsMixin")
+    write = ast.get_source_segment(scene, next(n for n in mixin.body if getattr(n, "name", "") == "writeVolume"))
     assert "util.saveNode(" not in write and "util.exportNode(" in write
     assert "tempfile.mkdtemp(prefix" not in source.replace('tempfile.mkdtemp(prefix="job-", dir=self.tempDir)', "")
+    # No file over about 500 lines (issue 12).
+    for path in [MODULE_PY, *LIB_DIR.glob("*.py")]:
+        assert len(path.read_text().splitlines()) <= 540, f"{path.name} has grown past ~500 lines: split it"
 
 
 def test_module_uses_only_names_the_lib_defines():
@@ -200,7 +230,14 @@ def test_module_uses_only_names_the_lib_defines():
         if isinstance(node, ast.ImportFrom) and node.module == "MedAttnSlicerLib":
             for alias in node.names:
                 assert hasattr(MedAttnSlicerLib, alias.name) or alias.name in ("formatting", "workflows"), alias.name
-    for module, name in re.findall(r"\b(formatting|workflows)\.(\w+)", MODULE_PY.read_text()):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("MedAttnSlicerLib."):
+            module = LIB_DIR / (node.module.split(".", 1)[1] + ".py")
+            defined = {n.name for n in ast.parse(module.read_text()).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+            defined |= {t.id for n in ast.parse(module.read_text()).body if isinstance(n, ast.Assign) for t in n.targets
+                        if isinstance(t, ast.Name)}
+            for alias in node.names:
+                assert alias.name in defined, f"{node.module} defines no {alias.name}"
+    for module, name in re.findall(r"\b(formatting|workflows)\.(\w+)", _panel_source()):
         assert hasattr({"formatting": formatting, "workflows": workflows}[module], name), f"{module}.{name}"
 
 
@@ -213,7 +250,8 @@ before = set(sys.modules)  # what the interpreter itself loaded at start-up (sit
 sys.path.insert(0, {str(MODULE_DIR)!r})
 import MedAttnSlicerLib
 for info in pkgutil.iter_modules(MedAttnSlicerLib.__path__):
-    importlib.import_module("MedAttnSlicerLib." + info.name)
+    if info.name not in {SLICER_SIDE!r}:
+        importlib.import_module("MedAttnSlicerLib." + info.name)
 for name in sorted(set(sys.modules) - before):
     module = sys.modules[name]
     if module is not None:
@@ -275,7 +313,7 @@ def test_cmake_tests_split_into_a_self_test_and_a_skipping_server_test():
     server_test = (testing / "Python" / "MedAttnSlicerServerTest.py").read_text()
     ast.parse(server_test, feature_version=(3, 9))
     assert "MEDATTN_SERVER_URL" in server_test and "self.skipTest(" in server_test
-    module_test = ast.get_source_segment(
+    module_test = (LIB_DIR / "self_test.py").read_text() + ast.get_source_segment(
         MODULE_PY.read_text(),
         next(n for n in ast.parse(MODULE_PY.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerTest"),
     )
@@ -318,9 +356,11 @@ def _widget_uses():
     called: PythonQt exposes getters such as ``currentNode`` as methods, properties such as ``value`` as
     attributes), ``"arg:<function>"`` (the widget passed to ``self.<function>(...)``).
     """
-    tree = ast.parse(MODULE_PY.read_text())
-    widget_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerWidget")
-    methods = {n.name for n in widget_class.body if isinstance(n, ast.FunctionDef)}
+    classes = [n for path in PANEL_SOURCES for n in ast.parse(path.read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name in PANEL_CLASSES]
+    assert {c.name for c in classes} == PANEL_CLASSES
+    widget_class = ast.Module(body=classes, type_ignores=[])  # the widget and its section mixins, walked as one
+    methods = {n.name for c in classes for n in c.body if isinstance(n, ast.FunctionDef)}
 
     def ui_name(node):
         # self.ui.<name>
@@ -352,6 +392,10 @@ def _widget_uses():
                 for arg in node.args:
                     if ui_name(arg) is not None:
                         uses.setdefault(ui_name(arg), set()).add(f"arg:{func.attr}")
+        if isinstance(func, ast.Name):  # helpers of qt_tables: fillTable(self.ui.<name>, ...)
+            for arg in node.args:
+                if ui_name(arg) is not None:
+                    uses.setdefault(ui_name(arg), set()).add(f"arg:{func.id}")
     for node in ast.walk(widget_class):
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and id(node) not in called:
             name = ui_name(node.value)
@@ -368,15 +412,17 @@ REQUIRED_USES = {
     # a label nobody writes shows only the .ui placeholder
     "QLabel": [{"call:setText"}],
     # a combo box must be filled and its choice read
-    "QComboBox": [{f"{fill}", f"use:{choice}"} for fill in ("call:addItem", "call:addItems", "arg:_fillCombo",
-                                                            "arg:_fillModelCombo") for choice in ("currentText", "currentIndex")],
+    "QComboBox": [{f"{fill}", f"use:{choice}"} for fill in ("call:addItem", "call:addItems", "arg:fillCombo",
+                                                            "arg:fillModelCombo") for choice in ("currentText", "currentIndex")],
     # a node selector's node must be read and its change must update the buttons
     "qMRMLNodeComboBox": [{"use:currentNode", "connect:currentNodeChanged"}],
     "qMRMLSegmentSelectorWidget": [{"use:currentSegmentID", "connect:currentSegmentChanged"}],
     "QProgressBar": [{"call:setValue", "call:setRange"}],
     "QSpinBox": [{"use:value"}],
     "ctkSliderWidget": [{"use:value", "connect:valueChanged"}],
-    "QTableWidget": [{"arg:_setupTable", "arg:_fillTable"}],
+    "QTableWidget": [{"arg:setupTable", "arg:fillTable"}],
+    # a text field must be read
+    "QLineEdit": [{"use:text"}],
 }
 
 

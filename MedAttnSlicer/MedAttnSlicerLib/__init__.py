@@ -1,11 +1,12 @@
-"""MedAttnSlicerLib: everything of the MedAttnSlicer panel that is not drawing widgets.
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""MedAttnSlicerLib: the MedAttnSlicer panel's library.
 
-Importable without Slicer (no ``slicer``, ``qt``, ``vtk``, ``ctk``), using only the Python standard
-library and numpy, so annotators need no pip install inside Slicer and the logic is tested with
-plain pytest.
+Two kinds of modules, all using only the Python standard library, numpy and what Slicer itself ships (annotators
+need no pip install inside Slicer):
 
-Modules:
-    client       MONAI Label REST client (urllib.request), cancellable requests
+Slicer-free (no ``slicer``, ``qt``, ``vtk``, ``ctk``; imported by this package and tested with plain pytest):
+    client       MONAI Label REST client (urllib.request), log-in, cancellable requests
+    transport    HTTP exchange: cancel by socket shutdown, bulk bodies in few GIL-free calls
     multipart    multipart/form-data encoding and parsing
     jobs         background job runner polled from the panel's QTimer
     workflows    the panel's server round trips as job functions
@@ -16,6 +17,14 @@ Modules:
     formatting   text and table rows for the panel
     url_history  remembered server URLs
     errors       readable exception types
+    cancel       cancel token shared by the panel and a job
+
+Slicer-side (import ``slicer``/``qt``/``vtk``; imported by MedAttnSlicer.py only, never by this ``__init__``):
+    scene_results         results as MRML nodes (Logic mixin)
+    scene_export          .seg.nrrd and DICOM SEG (Logic mixin)
+    server_panel, segmentation_panel, training_panel, classification_panel   the panel's sections (Widget mixins)
+    qt_tables             filling tables and combo boxes
+    self_test             cases of the module's self-test (needs Slicer, no server)
 """
 
 from .cancel import CancelToken
@@ -40,7 +49,7 @@ from .heatmap import (
     heat_map_from_saliency,
     heat_map_indices,
 )
-from .jobs import Job, JobContext, JobEvent, JobRunner, JobState
+from .jobs import BUSY_POLL_INTERVAL_MS, IDLE_POLL_INTERVAL_MS, Job, JobContext, JobEvent, JobRunner, JobState
 from .labels import LabelSegment, compose_label_map, label_values, segment_color, split_label_map
 from .model_card import CLASSIFICATION, SEGMENTATION, ModelCard, default_model, model_cards
 from .multipart import MultipartPart, encode_multipart_formdata, parse_multipart
@@ -79,6 +88,8 @@ __all__ = [
     "heat_map_colors",
     "heat_map_from_saliency",
     "heat_map_indices",
+    "BUSY_POLL_INTERVAL_MS",
+    "IDLE_POLL_INTERVAL_MS",
     "Job",
     "JobContext",
     "JobEvent",

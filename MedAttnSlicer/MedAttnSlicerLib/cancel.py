@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Cancellation token shared between the panel (main thread) and a background job.
 
 Waiting on a server can be blocked inside a socket read, where a flag alone is never looked at.

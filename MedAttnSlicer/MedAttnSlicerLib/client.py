@@ -1,8 +1,11 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Client for the MONAI Label 0.8.5 REST API, standard library only.
 
 Endpoints used (paths, query parameters and body formats as served by ``monailabel.endpoints``):
 
 ==========================================  ==========================================================
+``GET    /auth/``                           is authentication enabled (``enabled``)
+``POST   /auth/token``                      log in: form ``username``, ``password``; ``access_token``
 ``GET    /info/``                           app info: models, trainers, strategies, scoring, train_stats
 ``GET    /datastore/?output=all|stats``     datastore listing
 ``GET    /datastore/image/info?image=``     one image's info (scores live here)
@@ -23,7 +26,11 @@ Endpoints used (paths, query parameters and body formats as served by ``monailab
 
 Every blocking call accepts a :class:`~MedAttnSlicerLib.cancel.CancelToken`: cancelling shuts the
 request's socket down, so a call waiting for a long inference returns at once with
-:class:`~MedAttnSlicerLib.errors.OperationCancelled`.
+:class:`~MedAttnSlicerLib.errors.OperationCancelled`. The HTTP plumbing is :mod:`MedAttnSlicerLib.transport`.
+
+Authentication: a server started with ``MONAI_LABEL_AUTH_ENABLE=true`` answers 401 without a bearer token.
+:meth:`MonaiLabelClient.login` trades a user name and password for one (MONAI Label asks its OpenID realm,
+e.g. Keycloak); the token lives in this object only and goes with every request. The password is not kept.
 """
 
 from __future__ import annotations
@@ -32,27 +39,23 @@ import http.client
 import json
 import os
 import re
-import socket
 import tempfile
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .cancel import CancelToken
-from .errors import OperationCancelled, ProtocolError, ServerError, ServerTimeout, ServerUnavailable
+from .errors import MedAttnClientError, ProtocolError, ServerError
 from .heatmap import explanation_key
 from .multipart import encode_multipart_formdata, file_suffix, parse_multipart, parts_by_name
+from .transport import Exchange, parse_json, query_url
 from .url_history import normalize_server_url
 
 __all__ = ["MonaiLabelClient", "InferResult", "ProgressCallback"]
 
 #: ``progress(fraction, message)``; fraction in [0, 1] or None when unknown.
 ProgressCallback = Callable[[Optional[float], str], None]
-
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -136,6 +139,49 @@ class MonaiLabelClient:
                 self._download_dir = tempfile.mkdtemp(prefix="medattnslicer-")
             os.makedirs(self._download_dir, exist_ok=True)
             return self._download_dir
+
+    # ----------------------------------------------------------------- authentication
+    def auth_enabled(self, cancel: Optional[CancelToken] = None) -> bool:
+        """``GET /auth/``: whether the server asks for a log-in (servers without the endpoint: no)."""
+        try:
+            answer = self._json("GET", "/auth/", cancel=cancel)
+        except ServerError as error:
+            if error.status == 404:
+                return False
+            raise
+        return bool(isinstance(answer, dict) and answer.get("enabled"))
+
+    def login(self, username: str, password: str, cancel: Optional[CancelToken] = None) -> str:
+        """``POST /auth/token`` (OAuth2 password form); keeps the access token for later requests and returns it.
+
+        Raises:
+            ValueError: empty user name or password.
+            MedAttnClientError: the server refused the log-in (wrong user name or password).
+            ProtocolError: the server has authentication disabled (it returns no token).
+        """
+        if not username or not password:
+            raise ValueError("Enter a user name and a password to log in.")
+        form = urllib.parse.urlencode({"username": username, "password": password}).encode("ascii")
+        self.auth_token = None  # a failed log-in must not leave the previous user's token in use
+        try:
+            answer = self._json(
+                "POST", "/auth/token", body=form, content_type="application/x-www-form-urlencoded", cancel=cancel
+            )
+        except ServerError as error:
+            # MONAI Label 0.8.5 passes the realm's refusal on as a 500 without detail.
+            raise MedAttnClientError(
+                f"Log-in as '{username}' was refused by {self._server_url} ({error.status}): "
+                "check the user name and password."
+            ) from error
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not token:
+            raise ProtocolError(f"{self._server_url} has authentication disabled: it returned no access token")
+        self.auth_token = str(token)
+        return self.auth_token
+
+    def logout(self) -> None:
+        """Forget the token (the server keeps no session to end)."""
+        self.auth_token = None
 
     # ----------------------------------------------------------------- app and datastore
     def info(self, cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
@@ -286,14 +332,14 @@ class MonaiLabelClient:
         if response_type.lower().startswith("multipart/"):
             parts = parts_by_name(parse_multipart(data, response_type))
             if "params" in parts:
-                result.params = _parse_json(parts["params"].data, f"params of /infer/{model}")
+                result.params = parse_json(parts["params"].data, f"params of /infer/{model}")
             file_part = parts.get("image") or next((p for p in parts.values() if p.filename), None)
             if file_part is not None:
                 stem = _safe_filename(f"{model}_{image_id or 'upload'}")
                 suffix = file_suffix(file_part.filename or "") or ".nii.gz"
                 result.label_path = _write_unique(dest_dir or self.download_dir, stem, suffix, file_part.data)
         elif "json" in response_type.lower():
-            parsed = _parse_json(data, f"/infer/{model}")
+            parsed = parse_json(data, f"/infer/{model}")
             result.params = parsed if isinstance(parsed, dict) else {"result": parsed}
         else:
             raise ProtocolError(f"/infer/{model} answered with unexpected Content-Type '{response_type}'")
@@ -344,10 +390,7 @@ class MonaiLabelClient:
     # ----------------------------------------------------------------- HTTP plumbing
     def url(self, path: str, query: Optional[Dict[str, Any]] = None) -> str:
         """Absolute URL of ``path`` with an encoded query string."""
-        url = self._server_url + path
-        if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        return url
+        return query_url(self._server_url, path, query)
 
     def _json(
         self,
@@ -364,7 +407,7 @@ class MonaiLabelClient:
             body = json.dumps(json_body).encode("utf-8")
             content_type = "application/json"
         _, data = self._raw(method, path, query, body, content_type, timeout_s, cancel)
-        return _parse_json(data, f"{method} {path}")
+        return parse_json(data, f"{method} {path}")
 
     def _raw(
         self,
@@ -377,8 +420,25 @@ class MonaiLabelClient:
         cancel: Optional[CancelToken] = None,
     ) -> Tuple[http.client.HTTPMessage, bytes]:
         """Send one request and read the whole answer body."""
-        with _Exchange(self, method, path, query, body, content_type, timeout_s, cancel) as exchange:
+        with self._exchange(method, path, query, body, content_type, timeout_s, cancel) as exchange:
             return exchange.headers, exchange.read_all()
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        query: Optional[Dict[str, Any]],
+        body: Optional[bytes],
+        content_type: Optional[str],
+        timeout_s: Optional[float],
+        cancel: Optional[CancelToken],
+    ) -> Exchange:
+        headers = {"Content-Type": content_type} if content_type else {}
+        if self.auth_token:
+            headers["Authorization"] = f"Bearer {self.auth_token}"
+        return Exchange(
+            self.url(path, query), method, body, headers, timeout_s or self.timeout_s, cancel, self.use_system_proxy
+        )
 
     def _download(
         self,
@@ -391,7 +451,7 @@ class MonaiLabelClient:
     ) -> str:
         dest_dir = dest_dir or self.download_dir
         os.makedirs(dest_dir, exist_ok=True)
-        with _Exchange(self, "GET", path, query, None, None, self.infer_timeout_s, cancel) as exchange:
+        with self._exchange("GET", path, query, None, None, self.infer_timeout_s, cancel) as exchange:
             filename = exchange.headers.get_filename()
             if filename:
                 target_name = _safe_filename(os.path.basename(filename))
@@ -416,211 +476,6 @@ class MonaiLabelClient:
                     os.remove(partial)
                 raise
         return target
-
-    def _opener(self, registry: "_SocketRegistry") -> urllib.request.OpenerDirector:
-        handlers: List[urllib.request.BaseHandler] = [
-            _CancellableHTTPHandler(registry),
-            _CancellableHTTPSHandler(registry),
-        ]
-        if not self.use_system_proxy:
-            handlers.append(urllib.request.ProxyHandler({}))
-        return urllib.request.build_opener(*handlers)
-
-
-class _SocketRegistry:
-    """Remembers the sockets a request opened and registers their shutdown with the cancel token."""
-
-    def __init__(self, cancel: Optional[CancelToken]) -> None:
-        self.cancel = cancel
-        self._unregister: List[Callable[[], None]] = []
-
-    def track(self, sock: socket.socket) -> None:
-        if self.cancel is not None and sock is not None:
-            self._unregister.append(self.cancel.add_abort_callback(lambda: _shutdown(sock)))
-
-    def release(self) -> None:
-        for unregister in self._unregister:
-            unregister()
-        self._unregister = []
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _tracking_connection(base: type, registry: _SocketRegistry) -> Callable[..., http.client.HTTPConnection]:
-    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
-        connection = base(host, **kwargs)
-        plain_connect = connection.connect
-
-        def connect() -> None:
-            plain_connect()
-            registry.track(connection.sock)
-
-        connection.connect = connect  # type: ignore[method-assign]
-        return connection
-
-    return make
-
-
-class _CancellableHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, registry: _SocketRegistry) -> None:
-        super().__init__()
-        self._registry = registry
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_tracking_connection(http.client.HTTPConnection, self._registry), req)
-
-
-class _CancellableHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, registry: _SocketRegistry) -> None:
-        super().__init__()
-        self._registry = registry
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(
-            _tracking_connection(http.client.HTTPSConnection, self._registry), req, context=self._context
-        )
-
-
-class _Exchange:
-    """One HTTP request/response with uniform error translation (context manager)."""
-
-    def __init__(
-        self,
-        client: MonaiLabelClient,
-        method: str,
-        path: str,
-        query: Optional[Dict[str, Any]],
-        body: Optional[bytes],
-        content_type: Optional[str],
-        timeout_s: Optional[float],
-        cancel: Optional[CancelToken],
-    ) -> None:
-        self.client = client
-        self.method = method
-        self.url = client.url(path, query)
-        self.body = body
-        self.content_type = content_type
-        self.timeout_s = timeout_s or client.timeout_s
-        self.cancel = cancel
-        self.registry = _SocketRegistry(cancel)
-        self.response: Optional[http.client.HTTPResponse] = None
-
-    def __enter__(self) -> "_Exchange":
-        if self.cancel is not None:
-            self.cancel.raise_if_cancelled()
-        request = urllib.request.Request(self.url, data=self.body, method=self.method)
-        request.add_header("Accept", "application/json, multipart/form-data, */*")
-        if self.content_type:
-            request.add_header("Content-Type", self.content_type)
-        if self.client.auth_token:
-            request.add_header("Authorization", f"Bearer {self.client.auth_token}")
-        opener = self.client._opener(self.registry)
-        try:
-            self.response = opener.open(request, timeout=self.timeout_s)
-        except Exception as error:
-            self.registry.release()
-            translated = self._translate(error)
-            if translated is error:
-                raise
-            raise translated from error
-        return self
-
-    @property
-    def headers(self) -> http.client.HTTPMessage:
-        assert self.response is not None
-        return self.response.headers
-
-    def iter_chunks(self):
-        assert self.response is not None
-        while True:
-            try:
-                chunk = self.response.read(_CHUNK_BYTES)
-            except Exception as error:
-                translated = self._translate(error)
-                if translated is error:
-                    raise
-                raise translated from error
-            if self.cancel is not None and self.cancel.cancelled:
-                raise OperationCancelled(self.cancel.reason or "Cancelled.")
-            if not chunk:
-                return
-            yield chunk
-
-    def read_all(self) -> bytes:
-        return b"".join(self.iter_chunks())
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.response is not None:
-            self.response.close()
-        self.registry.release()
-
-    def _translate(self, error: BaseException) -> BaseException:
-        """Map urllib/socket failures to the library's readable exceptions."""
-        if self.cancel is not None and self.cancel.cancelled:
-            return OperationCancelled(self.cancel.reason or "Cancelled.")
-        if isinstance(error, urllib.error.HTTPError):
-            try:
-                payload = error.read()
-            except Exception:  # noqa: BLE001 - the status alone is still worth reporting
-                payload = b""
-            finally:
-                error.close()
-            return ServerError(error.code, _error_detail(payload, error.reason), self.method, self.url)
-        reason: Any = error.reason if isinstance(error, urllib.error.URLError) else error
-        if isinstance(reason, (socket.timeout, TimeoutError)):
-            return ServerTimeout(self.url, self.timeout_s)
-        if isinstance(reason, (OSError, http.client.HTTPException)):
-            return ServerUnavailable(self.url, _describe_os_error(reason))
-        if isinstance(error, urllib.error.URLError):
-            return ServerUnavailable(self.url, str(reason))
-        return error
-
-
-def _describe_os_error(error: BaseException) -> str:
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, socket.gaierror):
-        return f"unknown host: {error.strerror or error}"
-    if isinstance(error, (ConnectionResetError, http.client.RemoteDisconnected)):
-        return "the server closed the connection"
-    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return text
-
-
-def _error_detail(payload: bytes, reason: Any) -> str:
-    """The server's explanation: FastAPI's ``detail`` (string or validation list) or the body text."""
-    text = payload.decode("utf-8", errors="replace").strip()
-    try:
-        parsed = json.loads(text) if text else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and "detail" in parsed:
-        detail = parsed["detail"]
-        if isinstance(detail, list):  # FastAPI request validation errors
-            messages = []
-            for item in detail:
-                if isinstance(item, dict):
-                    location = ".".join(str(x) for x in item.get("loc", []))
-                    messages.append(f"{location}: {item.get('msg', item)}" if location else str(item.get("msg", item)))
-                else:
-                    messages.append(str(item))
-            return "; ".join(messages)
-        return str(detail)
-    if text:
-        return text[:500]
-    return str(reason or "no detail")
-
-
-def _parse_json(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data.decode("utf-8")) if data.strip() else None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ProtocolError(f"{what} did not return valid JSON: {error}") from error
 
 
 def _segment(name: str) -> str:

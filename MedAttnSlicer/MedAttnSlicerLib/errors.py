@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Exceptions raised by the MedAttnSlicer client and job runner.
 
 Every exception carries a message an annotator can read in the panel without a traceback:

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Text for the panel: model picker entries, figures, probability tables, training and errors.
 
 Everything returns plain strings or rows of strings, so the widget only copies them into labels,

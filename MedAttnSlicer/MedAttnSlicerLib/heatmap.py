@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Explanation (saliency) maps of classifiers as heat-map overlays.
 
 The server answers a classification with a float map on the input image's grid (RISE, Grad-CAM,

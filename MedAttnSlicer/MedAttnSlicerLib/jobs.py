@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Background jobs for the panel: a worker thread per job, results handed back on the caller's thread.
 
 Slicer's scene and Qt widgets may only be touched from the main thread, and a blocked main thread
@@ -5,15 +6,25 @@ freezes the panel. So a job's function runs in a daemon thread and only *posts* 
 finished, failed, cancelled) to a queue; the panel drains that queue with :meth:`JobRunner.poll`
 from a ``qt.QTimer`` on the main thread, which is where the callbacks run.
 
+Inside Slicer the main thread holds Python's GIL whenever it is in Qt's C++ event loop (PythonQt's thread
+support is off), so a worker thread runs Python only while the main thread runs Python. While a job that moves
+data runs, the panel therefore polls every :data:`BUSY_POLL_INTERVAL_MS` and each :meth:`JobRunner.poll` ends by
+releasing the GIL for ``gil_release_s`` (a sleep): the worker gets it at least that often, and between those
+moments the kernel moves its bytes (the client's bulk transfers need the GIL only a few times per transfer).
+Jobs that mostly wait (a training followed for minutes) are submitted with ``transfers=False`` and polled at
+:data:`IDLE_POLL_INTERVAL_MS` without the release. ``tests/test_slicer_gil.py`` measures it.
+
 Cancelling sets the job's :class:`~MedAttnSlicerLib.cancel.CancelToken`; the client's requests
 register socket shutdowns on that token, so a job waiting for a server answer stops waiting at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -21,7 +32,14 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from .cancel import CancelToken
 from .errors import OperationCancelled
 
-__all__ = ["JobRunner", "Job", "JobContext", "JobEvent", "JobState"]
+__all__ = ["JobRunner", "Job", "JobContext", "JobEvent", "JobState", "BUSY_POLL_INTERVAL_MS", "IDLE_POLL_INTERVAL_MS"]
+
+#: Poll timer interval while a job that moves data runs (ms).
+BUSY_POLL_INTERVAL_MS = 10
+#: Poll timer interval while only jobs that mostly wait run (ms).
+IDLE_POLL_INTERVAL_MS = 100
+#: How long each poll releases the GIL to worker threads while a job that moves data runs (s).
+GIL_RELEASE_S = 0.002
 
 
 class JobState:
@@ -72,6 +90,8 @@ class Job:
         self.message = ""
         self.callbacks: Dict[str, Optional[Callable[[JobEvent], Any]]] = {}
         self.thread: Optional[threading.Thread] = None
+        #: True for jobs that move data (uploads, inference, downloads): polled often, with a GIL release.
+        self.transfers = True
         #: True when the panel stopped *following* the job (module closing) rather than asking to stop
         #: the work itself: jobs that control server tasks then leave those tasks running.
         self.detached = False
@@ -146,9 +166,15 @@ class JobRunner:
     Args:
         callback_error_handler: called with (event, exception) when a callback raises inside
             ``poll``; when None the first such exception is re-raised after all events are handled.
+        gil_release_s: how long :meth:`poll` sleeps (releasing the GIL) while a job that moves data runs.
     """
 
-    def __init__(self, callback_error_handler: Optional[Callable[[JobEvent, BaseException], None]] = None) -> None:
+    def __init__(
+        self,
+        callback_error_handler: Optional[Callable[[JobEvent, BaseException], None]] = None,
+        gil_release_s: float = GIL_RELEASE_S,
+    ) -> None:
+        self.gil_release_s = float(gil_release_s)
         self._events: "queue.Queue[JobEvent]" = queue.Queue()
         self._jobs: Dict[int, Job] = {}
         self._ids = itertools.count(1)
@@ -164,13 +190,18 @@ class JobRunner:
         on_finished: Optional[Callable[[JobEvent], Any]] = None,
         on_failed: Optional[Callable[[JobEvent], Any]] = None,
         on_cancelled: Optional[Callable[[JobEvent], Any]] = None,
+        transfers: bool = True,
         **kwargs: Any,
     ) -> Job:
-        """Start ``function(context, *args, **kwargs)`` in a worker thread and return its handle."""
+        """Start ``function(context, *args, **kwargs)`` in a worker thread and return its handle.
+
+        ``transfers=False`` for a job that mostly waits (see :attr:`poll_interval_ms`).
+        """
         if not callable(function):
             raise TypeError(f"Job '{name}' needs a callable, got {type(function).__name__}")
         with self._lock:
             job = Job(next(self._ids), name)
+            job.transfers = bool(transfers)
             self._jobs[job.id] = job
         job.callbacks = {
             "progress": on_progress,
@@ -242,6 +273,9 @@ class JobRunner:
                         self.callback_error_handler(event, error)
                     elif first_error is None:
                         first_error = error
+        if self.gil_release_s > 0 and self.transferring:
+            # Under PythonQt this is the worker's chance to take the GIL (see the module docstring).
+            time.sleep(self.gil_release_s)
         if first_error is not None:
             raise first_error
         return delivered
@@ -269,6 +303,16 @@ class JobRunner:
     @property
     def busy(self) -> bool:
         return bool(self.active_jobs)
+
+    @property
+    def transferring(self) -> bool:
+        """True while a job that moves data (``transfers=True``) runs."""
+        return any(job.transfers for job in self.active_jobs)
+
+    @property
+    def poll_interval_ms(self) -> int:
+        """How often the panel should call :meth:`poll`: often while data moves, else at a relaxed pace."""
+        return BUSY_POLL_INTERVAL_MS if self.transferring else IDLE_POLL_INTERVAL_MS
 
     def wait(self, job: Job, timeout_s: float = 60.0, poll_interval_s: float = 0.02) -> Job:
         """Block the caller, polling, until ``job`` is done (for scripts and tests, never the panel).
@@ -300,7 +344,5 @@ class JobRunner:
         for job in self.active_jobs:
             if job.thread is not None:
                 job.thread.join(timeout_s)
-        try:
+        with contextlib.suppress(Exception):  # callbacks of a closing panel must not block cleanup
             self.poll()
-        except Exception:  # noqa: BLE001 - callbacks of a closing panel must not block cleanup
-            pass

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Label values <-> named segments, the bridge between server label maps and Slicer segments.
 
 A MONAI Label model lists its labels either as a list of names (values 1, 2, ...) or as a

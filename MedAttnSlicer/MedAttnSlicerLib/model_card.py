@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Model cards: what ``GET /info/`` says about each model, in a typed form for the panel.
 
 MedAttnSlicer's app adds ``precision``, ``twin``, ``default`` and ``model_card`` to MONAI Label's

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """multipart/form-data encoding (requests) and parsing (MONAI Label's infer responses).
 
 MONAI Label takes uploads as ``multipart/form-data`` (FastAPI ``Form``/``File`` fields) and answers

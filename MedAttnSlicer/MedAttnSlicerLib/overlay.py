@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Over/under-segmentation overlay: where a prediction agrees with, exceeds or misses a reference.
 
 Comparison map values (the same as the server's ``reference`` inference answer, docs/server_api.md):

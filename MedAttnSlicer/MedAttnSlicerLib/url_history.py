@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """Remembered server URLs: most recent first, without duplicates, bounded.
 
 Pure logic; the panel keeps :meth:`ServerUrlHistory.to_setting` in ``QSettings`` and rebuilds the

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """The panel's server round trips as job functions for :class:`~MedAttnSlicerLib.jobs.JobRunner`.
 
 Each function takes a :class:`~MedAttnSlicerLib.jobs.JobContext` first, talks to the server
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .client import InferResult, MonaiLabelClient
-from .errors import MedAttnClientError, OperationCancelled, ProtocolError, TrainingFailed
+from .errors import MedAttnClientError, OperationCancelled, ProtocolError, ServerError, TrainingFailed
 from .formatting import training_fraction, training_text
 from .heatmap import explanation_key
 from .jobs import JobContext
@@ -95,9 +96,33 @@ def server_reference(choice: str, model: ModelCard) -> str:
     raise ValueError(f"Unknown reference choice '{choice}'; expected segment, final or twin")
 
 
-def connect(ctx: JobContext, client: MonaiLabelClient) -> Dict[str, Any]:
-    """``GET /info/``."""
+def connect(
+    ctx: JobContext, client: MonaiLabelClient, username: str = "", password: str = ""
+) -> Dict[str, Any]:
+    """Log in when the server asks for it (``GET /auth/``, ``POST /auth/token``), then ``GET /info/``.
+
+    The client keeps the token (in memory); the password is used once and not kept.
+    """
     ctx.progress(None, f"Connecting to {client.server_url}")
+    if client.auth_enabled(cancel=ctx.cancel_token):
+        if not username or not password:
+            raise MedAttnClientError(
+                f"{client.server_url} asks for a log-in: enter your user name and password, then press Connect."
+            )
+        ctx.progress(None, f"Logging in as '{username}'")
+        client.login(username, password, cancel=ctx.cancel_token)
+        try:
+            return client.info(cancel=ctx.cancel_token)
+        except ServerError as error:
+            if error.status != 401:
+                raise
+            # MONAI Label 0.8.5 with PyJWT 2 does this for every token (jwt.decode without "algorithms").
+            raise MedAttnClientError(
+                f"{client.server_url} logged '{username}' in but refuses the token it issued ({error.detail}): "
+                "the server cannot check its own tokens; its log says why."
+            ) from error
+    if username:
+        ctx.progress(None, f"{client.server_url} has no log-in; connecting without one")
     return client.info(cancel=ctx.cancel_token)
 
 
