@@ -133,8 +133,9 @@ def start_server(
     timeout: float = 240.0,
     env: dict[str, str] | None = None,
     log_path: str | os.PathLike | None = None,
+    ready_path: str = "/info/",
 ) -> ServerHandle:
-    """Start ``monailabel start_server`` on ``studies_dir`` and wait until ``GET /info/`` answers 200.
+    """Start ``monailabel start_server`` on ``studies_dir`` and wait until ``GET ready_path`` answers 200.
 
     Args:
         studies_dir: datastore folder (use a copy: the server writes into it).
@@ -142,9 +143,11 @@ def start_server(
         app_dir: the MONAI Label app folder.
         host: bind address.
         port: TCP port (default: a free ephemeral one).
-        timeout: seconds to wait for ``/info/``.
+        timeout: seconds to wait for ``ready_path``.
         env: extra environment variables.
         log_path: where the server's output goes (default a temporary file).
+        ready_path: the request that must answer 200 (a server with auth enabled answers ``/info/`` only with a
+            token: use an unprotected path such as ``/auth/``).
 
     Raises:
         ServerStartError: the server exited or did not answer in time.
@@ -189,10 +192,10 @@ def start_server(
         if proc.poll() is not None:
             raise ServerStartError(f"server exited with code {proc.returncode}:\n{handle.log_tail()}")
         try:
-            if requests.get(handle.url + "/info/", timeout=30).status_code == 200:
+            if requests.get(handle.url + ready_path, timeout=30).status_code == 200:
                 return handle
         except requests.RequestException:
             pass
         time.sleep(1.0)
     handle.stop()
-    raise ServerStartError(f"server did not answer /info/ within {timeout:.0f} s:\n{handle.log_tail()}")
+    raise ServerStartError(f"server did not answer {ready_path} within {timeout:.0f} s:\n{handle.log_tail()}")

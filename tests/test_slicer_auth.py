@@ -25,11 +25,9 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from unittest import mock
 
 import jwt
 import pytest
-import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -103,15 +101,8 @@ def auth_server(realm, tmp_path_factory):
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url}
     conf = {"models": "all", "model_dir": str(tmp_path_factory.mktemp("trained"))}
     log = tmp_path_factory.mktemp("log") / "server.log"
-    # The launcher waits for GET /info/ to answer 200, which this server never does (see the module docstring):
-    # its readiness probe asks the unprotected GET /auth/ instead.
-    plain_get = requests.get
-
-    def probe_auth(url, **kwargs):
-        return plain_get(url.replace("/info/", "/auth/") if url.endswith("/info/") else url, **kwargs)
-
-    with mock.patch("requests.get", probe_auth):
-        handle = start_server(studies, conf, env=env, log_path=log)
+    # this server answers GET /info/ only with a token (see the module docstring): wait for the unprotected /auth/
+    handle = start_server(studies, conf, env=env, log_path=log, ready_path="/auth/")
     with handle:
         yield handle
 
