@@ -14,7 +14,8 @@ Everything else derives from these entries: the app's served names, default orde
 floors (:mod:`monailabel_app`), the bundled-weights trainer (:mod:`monailabel_app.train_bundled`), the model cards
 (:mod:`networks.model_card`), the benchmarks' and the tests' model lists. Adding a family is one
 :func:`register_family` call (here for the built-in ones, or in any module imported before the app starts) plus
-its network module: see ``docs/adding_a_model_family.md``.
+its network module: see ``docs/adding_a_model_family.md``. Families kept outside the project are registered by
+modules named in ``$MEDATTN_FAMILY_MODULES`` (comma-separated, imported after the built-in families).
 
 This module imports neither torch nor :mod:`monailabel` (the networks package must not depend on the app); the
 explanation names are the request names the app checks (``monailabel_app.lib.explanations``).
@@ -28,6 +29,8 @@ explanation names are the request names the app checks (``monailabel_app.lib.exp
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -50,6 +53,7 @@ __all__ = [
     "LiveMapping",
     "FAMILIES",
     "SERVED_MODELS",
+    "FAMILY_MODULES_ENV",
 ]
 
 TASKS = ("segmentation", "classification")
@@ -478,3 +482,22 @@ register_family(
         quality_floor=_LIVER_DICE_FLOOR,
     )
 )
+
+
+# Families kept outside this file: the modules named in $MEDATTN_FAMILY_MODULES are imported after the built-in
+# families, so their register_family calls reach every process that reads the registry (the server, make weights,
+# the cards CLI) without an edit of the project.
+FAMILY_MODULES_ENV = "MEDATTN_FAMILY_MODULES"
+
+
+def _import_family_modules() -> None:
+    for name in (n.strip() for n in os.environ.get(FAMILY_MODULES_ENV, "").split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"${FAMILY_MODULES_ENV} names module {name!r}, which cannot be imported: {err}") from err
+
+
+_import_family_modules()

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,6 @@ from networks.registry import (
     FAMILIES,
     Int8Recipe,
     ModelFamily,
-    NetworkVariant,
     TrainingRecipe,
     card_variants,
     default_model_order,
@@ -264,99 +264,126 @@ def test_the_scan_flags_the_old_definitions():
 
 
 # --------------------------------------------------------------------------------------- adding a family
-TINY = "tiny_seg"
-TINY_NETWORK = "tiny_seg_net"
-
-
 @pytest.fixture
 def tiny_family() -> Iterator[ModelFamily]:
-    """One extra family, as docs/adding_a_model_family.md adds it: a network module (here a factory entry) and one
-    registry entry."""
-    from networks.factory import register_model
-    from networks.nets.sadnn_seg import SaDNNSeg
+    """One extra family registered in this process (tests/tiny_family.py: a factory entry and one registry entry)."""
+    from tests import tiny_family as module
 
-    @register_model(TINY_NETWORK, overwrite=True)
-    def tiny_seg_net(**overrides) -> torch.nn.Module:
-        return SaDNNSeg(**{"features": (4, 4, 4, 4, 4), **overrides})
-
-    entry = register_family(
-        ModelFamily(
-            family=TINY,
-            task="segmentation",
-            description="tiny SaDNN-seg (test family)",
-            factory_name=TINY_NETWORK,
-            paper=NetworkVariant(factory_name=TINY_NETWORK, input_shape=(1, 32, 32)),
-            labels=("liver",),
-            input_size=(32, 32),
-            spacing=(8.0, 8.0),
-            training=TrainingRecipe(max_epochs=1, num_samples=2, learning_rate=1e-3, pos_ratio=0.5),
-            int8=Int8Recipe(calibration_slices=4),
-        )
-    )
+    entry = module.register()
     try:
         yield entry
     finally:
-        unregister_family(TINY)
+        unregister_family(entry.family)
 
 
 def test_a_registered_family_appears_everywhere(tiny_family: ModelFamily, tmp_path: Path):
+    family, network_name = tiny_family.family, tiny_family.factory_name
     from monailabel_app.lib.app_config import FAMILY_OF, MODEL_NAMES, AppConfig
     from monailabel_app.lib.configs import CONFIGS, SegmentationConfig
     from monailabel_app.lib.model_store import MODEL_SPECS, NetworkCache
     from monailabel_app.train_bundled import train_request
     from networks.model_card import CARD_MODELS
 
-    assert MODEL_NAMES[f"{TINY}_int8"] == (TINY, "int8") and FAMILY_OF[f"{TINY}_fp32"] == TINY
-    assert MODEL_SPECS[TINY] is tiny_family and CONFIGS[TINY] is SegmentationConfig
+    assert MODEL_NAMES[f"{family}_int8"] == (family, "int8") and FAMILY_OF[f"{family}_fp32"] == family
+    assert MODEL_SPECS[family] is tiny_family and CONFIGS[family] is SegmentationConfig
     assert train_request(tiny_family, 0)["max_epochs"] == 1 and train_request(tiny_family, 0)["calibration_slices"] == 4
-    assert CARD_MODELS[TINY_NETWORK] == ({}, (1, 1, 32, 32), (1, 1, 32, 32))
+    assert CARD_MODELS[network_name] == ({}, (1, 1, 32, 32), (1, 1, 32, 32))
     app_dir = tmp_path / "app"
     (app_dir / "model").mkdir(parents=True)
-    config = AppConfig.from_conf(str(app_dir), {"models": TINY, "model_dir": str(tmp_path / "trained")})
-    assert config.models == [f"{TINY}_int8", f"{TINY}_fp32"]
-    assert f"{TINY}_int8" in AppConfig.from_conf(str(app_dir), {"model_dir": str(tmp_path / "trained")}).models
-    task_config = CONFIGS[TINY]()
-    task_config.init(TINY, config.model_dir, {}, None, app_config=config, cache=NetworkCache())
+    config = AppConfig.from_conf(str(app_dir), {"models": family, "model_dir": str(tmp_path / "trained")})
+    assert config.models == [f"{family}_int8", f"{family}_fp32"]
+    assert f"{family}_int8" in AppConfig.from_conf(str(app_dir), {"model_dir": str(tmp_path / "trained")}).models
+    task_config = CONFIGS[family]()
+    task_config.init(family, config.model_dir, {}, None, app_config=config, cache=NetworkCache())
     infers = task_config.infer()
-    assert set(infers) == {f"{TINY}_int8", f"{TINY}_fp32"} and infers[f"{TINY}_int8"].twin == f"{TINY}_fp32"
+    assert set(infers) == {f"{family}_int8", f"{family}_fp32"} and infers[f"{family}_int8"].twin == f"{family}_fp32"
     assert task_config.trainer() is not None  # server_training defaults to True
+
+
+def _publish_random_weights(entry: ModelFamily, app_dir: Path, model_dir: Path):
+    """Publish random FP32 + INT8 weights of ``entry`` into ``model_dir`` through the trainers' own code (as a
+    training run ends); returns the family's task config, its FP32 network and the published versions."""
+    from monailabel_app.lib.app_config import AppConfig
+    from monailabel_app.lib.configs import CONFIGS
+    from monailabel_app.lib.model_store import NetworkCache
+    from monailabel_app.lib.preprocess import Preprocessing
+    from monailabel_app.lib.trainers.common import initial_network, publish_trained
+
+    torch.manual_seed(0)
+    (app_dir / "model").mkdir(parents=True, exist_ok=True)
+    config = AppConfig.from_conf(str(app_dir), {"models": entry.family, "model_dir": str(model_dir)})
+    task_config = CONFIGS[entry.family]()
+    task_config.init(entry.family, config.model_dir, {}, None, app_config=config, cache=NetworkCache())
+    labels = {name: i + 1 for i, name in enumerate(entry.labels)}
+    network, factory_name, factory_kwargs, _ = initial_network(entry, task_config.files, 2, list(labels), False)
+    prep = Preprocessing(spacing=entry.spacing, roi_size=entry.input_size)
+    app_meta = {"labels": labels, "preprocess": prep.to_dict(), "spatial_dims": entry.spatial_dims}
+    calibration = [torch.rand(2, 1, *entry.input_size) for _ in range(2)]
+    published = publish_trained(
+        entry, task_config.files, network.eval(), factory_name, factory_kwargs, app_meta, calibration, "test"
+    )
+    return task_config, network, published
 
 
 @pytest.mark.slow
 def test_a_registered_family_is_served_with_a_card(tiny_family: ModelFamily, tmp_path: Path):
-    """Weights for the new family (random, as the trainer would publish them) are served: the app's infer task loads
-    both precisions and the app's model cards describe them; the cards CLI cards its paper variant."""
-    from monailabel_app.lib.app_config import AppConfig
-    from monailabel_app.lib.configs import CONFIGS
+    """Weights for the new family (random, published as the trainer publishes them) are served: the app's infer
+    tasks load both precisions and the app's model cards describe them; the cards CLI cards its paper variant."""
     from monailabel_app.lib.model_cards import ModelCards
-    from monailabel_app.lib.model_store import NetworkCache
-    from monailabel_app.lib.preprocess import Preprocessing
-    from monailabel_app.lib.trainers.common import initial_network, publish_trained
     from networks.model_card import registered_model_cards
 
-    torch.manual_seed(0)
-    app_dir = tmp_path / "app"
-    (app_dir / "model").mkdir(parents=True)
-    config = AppConfig.from_conf(str(app_dir), {"models": TINY, "model_dir": str(tmp_path / "trained")})
-    task_config = CONFIGS[TINY]()
-    task_config.init(TINY, config.model_dir, {}, None, app_config=config, cache=NetworkCache())
-    network, factory_name, factory_kwargs, _ = initial_network(tiny_family, task_config.files, 2, ["liver"], False)
-    prep = Preprocessing(spacing=tiny_family.spacing, roi_size=tiny_family.input_size)
-    app_meta = {"labels": {"liver": 1}, "preprocess": prep.to_dict(), "spatial_dims": 2}
-    calibration = [torch.rand(2, 1, 32, 32) for _ in range(2)]
-    published = publish_trained(tiny_family, task_config.files, network.eval(), factory_name, factory_kwargs, app_meta,
-                                calibration, "test")
+    family, network_name = tiny_family.family, tiny_family.factory_name
+    task_config, network, published = _publish_random_weights(tiny_family, tmp_path / "app", tmp_path / "trained")
     assert published["fp32"] and published["int8"]
     cards = ModelCards(str(tmp_path / "cards.json"))
-    for precision, name in (("int8", f"{TINY}_int8"), ("fp32", f"{TINY}_fp32")):
+    for precision in ("int8", "fp32"):
+        name = f"{family}_{precision}"
         task = task_config.infer()[name]
         assert task.is_valid()
         card = cards.get(name, task.files, precision, bool(tiny_family.int8))
-        assert card["precision"] == precision and card["factory_name"] == TINY_NETWORK
+        assert card["precision"] == precision and card["factory_name"] == network_name
         assert card["params"] == sum(p.numel() for p in network.parameters())
-        assert card["int8_size_bytes"] == (tmp_path / "trained" / f"{TINY}_int8.pt").stat().st_size
-    [paper_card] = registered_model_cards([TINY_NETWORK], out_dir=tmp_path / "cards")
-    assert paper_card["name"] == TINY_NETWORK and paper_card["input_shape"] == [1, 1, 32, 32]
+        assert card["int8_size_bytes"] == (tmp_path / "trained" / f"{family}_int8.pt").stat().st_size
+    [paper_card] = registered_model_cards([network_name], out_dir=tmp_path / "cards")
+    assert paper_card["name"] == network_name and paper_card["input_shape"] == [1, 1, 32, 32]
+
+
+@pytest.mark.slow
+def test_a_family_module_is_served_by_a_real_server(tiny_family: ModelFamily, tmp_path: Path):
+    """A server started with ``MEDATTN_FAMILY_MODULES=tests.tiny_family`` (no edit of the project) lists the new
+    family's models with their cards and train task in ``/info/`` and segments a sample volume with them."""
+    from monailabel.client import MONAILabelClient
+
+    from tests.image_checks import assert_same_grid, read_array
+    from tests.server_fixture import copy_sample_datastore, start_server
+
+    family = tiny_family.family
+    model_dir = tmp_path / "trained"
+    _publish_random_weights(tiny_family, tmp_path / "app", model_dir)
+    studies = copy_sample_datastore(tmp_path / "studies", images=["example_mr_sm"])
+    server = start_server(
+        studies,
+        {"models": f"{family},sadnn_seg_int8", "model_dir": str(model_dir)},
+        env={"MEDATTN_FAMILY_MODULES": "tests.tiny_family"},
+    )
+    try:
+        info = server.get("/info/").json()
+        assert set(info["models"]) == {f"{family}_int8", f"{family}_fp32", "sadnn_seg_int8"}
+        for precision in ("int8", "fp32"):
+            model = info["models"][f"{family}_{precision}"]
+            assert model["family"] == family and model["precision"] == precision and model["type"] == "segmentation"
+            assert model["model_card"]["factory_name"] == tiny_family.factory_name
+            assert model["model_card"]["input_shape"] == [1, 1, *tiny_family.input_size]
+        assert info["default_model"] == "sadnn_seg_int8"  # the tiny family has no default rank
+        assert family in info["trainers"]
+        label_file, params = MONAILabelClient(server.url).infer(f"{family}_int8", "example_mr_sm", {})
+        label, label_image = read_array(label_file)
+        _, image = read_array(server.studies / "example_mr_sm.nii.gz")
+        assert_same_grid(label_image, image)  # back on the input grid through the family's own 32 x 32 slices
+        assert params["model"] == f"{family}_int8" and params["precision"] == "int8"
+        assert set(np.unique(label)) <= {0, 1}
+    finally:
+        server.stop()
 
 
 def test_registry_rejects_inconsistent_entries():
