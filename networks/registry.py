@@ -13,12 +13,13 @@ A *family* is what the app serves under ``<family>_int8`` / ``<family>_fp32`` an
 Everything else derives from these entries: the app's served names, default order, task configs and quality
 floors (:mod:`monailabel_app`), the bundled-weights trainer (:mod:`monailabel_app.train_bundled`), the model cards
 (:mod:`networks.model_card`), the benchmarks' and the tests' model lists. Adding a family is one
-:func:`register_family` call (here for the built-in ones, or in any module imported before the app starts) plus
-its network module: see ``docs/adding_a_model_family.md``. Families kept outside the project are registered by
+:func:`register_family` call (at the end of this file for the built-in ones) plus its network module: see
+``docs/adding_a_model_family.md``. Families kept outside the project are registered by
 modules named in ``$MEDATTN_FAMILY_MODULES`` (comma-separated, imported after the built-in families).
 
-This module imports neither torch nor :mod:`monailabel` (the networks package must not depend on the app); the
-explanation names are the request names the app checks (``monailabel_app.lib.explanations``).
+The entries are plain data: this module itself imports neither torch nor :mod:`monailabel` (the networks package
+must not depend on the app); the explanation names are request names the app checks
+(``monailabel_app.lib.explanations``).
 
     >>> from networks.registry import get_family, served_model_names
     >>> get_family("sadnn_seg").factory_name
