@@ -73,7 +73,7 @@ def test_app_default_order_is_the_registry_order():
         main = importlib.import_module("monailabel_app.main")
     finally:
         sys.path.remove(str(REPO_ROOT / "monailabel_app"))
-    assert main._DEFAULT_ORDER == default_model_order()
+    assert default_model_order() == main._DEFAULT_ORDER
 
 
 def test_trainer_recipes_are_the_registry_recipes():
@@ -163,8 +163,16 @@ SCANNED = ("networks", "monailabel_app", "benchmarks", "tests", "sample_data", "
 # tests/trained_models.py holds the test suite's own training configurations (fixtures, not families)
 NOT_SCANNED = {"networks/registry.py", "tests/trained_models.py", "tests/test_registry.py"}
 # the tables the registry replaced: bound elsewhere only to something derived, never to a literal
-DERIVED_NAMES = {"MODEL_SPECS", "MODEL_NAMES", "FAMILY_OF", "RECIPES", "CARD_MODELS", "_DEFAULT_ORDER",
-                 "QUALITY_FLOORS", "FAMILIES"}
+DERIVED_NAMES = {
+    "MODEL_SPECS",
+    "MODEL_NAMES",
+    "FAMILY_OF",
+    "RECIPES",
+    "CARD_MODELS",
+    "_DEFAULT_ORDER",
+    "QUALITY_FLOORS",
+    "FAMILIES",
+}
 
 
 def _sources() -> Iterator[tuple[str, ast.Module]]:
@@ -192,12 +200,20 @@ def _fingerprints() -> tuple[list[dict], set[tuple], list[dict], set[frozenset]]
                 kwargs.append(_listify(k))
     # the served networks' widths and the 3D spacing (the small variants' keywords are checked as whole dicts above:
     # their strides also configure the test suite's own networks)
-    tuples = {tuple(v) for f in families for v in _listify(f.factory_kwargs).values() if isinstance(v, list)
-              and len(v) >= 3 and all(isinstance(x, (int, float)) for x in v)}
+    tuples = {
+        tuple(v)
+        for f in families
+        for v in _listify(f.factory_kwargs).values()
+        if isinstance(v, list) and len(v) >= 3 and all(isinstance(x, (int, float)) for x in v)
+    }
     tuples |= {tuple(f.spacing) for f in families if f.spatial_dims == 3}
     recipes = [f.training.request() for f in families]
-    lists = {frozenset(f.family for f in families), frozenset(f.family for f in families if f.int8),
-             frozenset(f.family for f in families if f.server_training), frozenset(default_model_order())}
+    lists = {
+        frozenset(f.family for f in families),
+        frozenset(f.family for f in families if f.int8),
+        frozenset(f.family for f in families if f.server_training),
+        frozenset(default_model_order()),
+    }
     lists |= {frozenset(f.family for f in list_families(task)) for task in ("segmentation", "classification")}
     return kwargs, tuples, recipes, lists
 
@@ -217,9 +233,13 @@ def _findings(rel: str, tree: ast.Module, fingerprints) -> list[str]:
     found = []
     for node in ast.walk(tree):
         where = f"{rel}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in DERIVED_NAMES for t in node.targets):
-            if isinstance(node.value, (ast.Dict, ast.Tuple, ast.List, ast.Set, ast.DictComp)):
-                found.append(f"{where}: a literal table the registry derives")
+        literal_table = (ast.Dict, ast.Tuple, ast.List, ast.Set, ast.DictComp)
+        if (
+            isinstance(node, ast.Assign)
+            and any(getattr(t, "id", None) in DERIVED_NAMES for t in node.targets)
+            and isinstance(node.value, literal_table)
+        ):
+            found.append(f"{where}: a literal table the registry derives")
         if isinstance(node, ast.Dict):
             value = _literal(node)
             if isinstance(value, dict):
@@ -387,9 +407,16 @@ def test_a_family_module_is_served_by_a_real_server(tiny_family: ModelFamily, tm
 
 
 def test_registry_rejects_inconsistent_entries():
-    base = dict(family="x_seg", task="segmentation", description="", factory_name="sadnn_seg_small", labels=("liver",),
-                input_size=(32, 32), spacing=(1.0, 1.0),
-                training=TrainingRecipe(max_epochs=1, num_samples=1, learning_rate=1e-3, pos_ratio=0.5))
+    base = dict(
+        family="x_seg",
+        task="segmentation",
+        description="",
+        factory_name="sadnn_seg_small",
+        labels=("liver",),
+        input_size=(32, 32),
+        spacing=(1.0, 1.0),
+        training=TrainingRecipe(max_epochs=1, num_samples=1, learning_rate=1e-3, pos_ratio=0.5),
+    )
     with pytest.raises(ValueError, match="task"):
         ModelFamily(**{**base, "task": "detection"})
     with pytest.raises(ValueError, match="_int8/_fp32"):
