@@ -21,9 +21,8 @@ path):
 Families: every entry of :mod:`networks.registry`, which holds each one's recipe (``labels``: the organs trained
 on; ``training``: the train task's request; ``int8``: the calibration); :func:`train_request` assembles the request.
 Segmentation families learn the liver, the classifiers per-slice presence of liver, spleen, kidneys and stomach.
-A run of some families
-(``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and their entries in
-``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
+A run of some families (``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and
+their entries in ``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
 the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of the INT8 recipe.
 """
 
