@@ -40,9 +40,11 @@ import torch.ao.nn.quantized as nnq  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from networks.registry import get_family, list_families  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = REPO_ROOT / "monailabel_app" / "model"
-FAMILIES = ("sadnn_seg", "sadnn_cls", "unet_seg", "hct_cls", "scopeformer_cls", "patchconvnet_cls")
+FAMILIES = tuple(family.family for family in list_families() if family.int8 is not None)  # served in INT8
 TRAIN_IMAGES = ("example_ct", "example_mr_sm")
 HELD_OUT_IMAGE = "example_ct_dicom"
 
@@ -87,12 +89,12 @@ def slices_of(family: str, image_ids: tuple[str, ...], n_slices: int, seed: int)
 
     from monailabel_app.lib.preprocess import Preprocessing
     from monailabel_app.lib.trainers.common import calibration_slices
-    from monailabel_app.train_bundled import RECIPES, build_datastores
+    from monailabel_app.train_bundled import build_datastores
     from networks.checkpoint import load_checkpoint
 
     model, metadata = load_checkpoint(BUNDLED / f"{family}.pt")
     prep = Preprocessing.from_dict(metadata["app"]["preprocess"])
-    organs = RECIPES[family].organs
+    organs = get_family(family).labels
     work = REPO_ROOT / "runs" / "int8_portability"
     train_dir, held_dir = build_datastores(work, organs)
     store = LocalDatastore(

@@ -58,6 +58,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.isa_runs import isa_list  # noqa: E402
+from networks.registry import get_family  # noqa: E402
 
 THREADS = 2
 
@@ -78,36 +79,36 @@ class Spec:
     agreement_config: str  # sample_models.trained_models.CONFIGS entry used for agreement
 
 
+def _spec(key: str, family: str, variant: str, batch: int, agreement_config: str, size_of: str | None = None) -> Spec:
+    """A benchmark entry timing the ``variant`` (``"paper"`` or ``"small"``) network of a registered family on
+    ``batch`` inputs of its own size, or of the size of its ``size_of`` variant."""
+    entry = get_family(family)
+    network = getattr(entry, variant)
+    shape = network.input_shape
+    if size_of is not None:
+        shape = (shape[0], *getattr(entry, size_of).input_shape[1:])
+    return Spec(key, network.factory_name, dict(network.factory_kwargs), (batch, *shape), agreement_config)
+
+
+# The networks and input sizes come from networks/registry.py; batches and result keys are the benchmark's own.
 FULL_SPECS = [
-    Spec("sadnn_seg", "sadnn_seg", {}, (8, 1, 256, 256), "sadnn_seg_small_2d"),
-    Spec("sadnn_cls", "sadnn_cls", {}, (4, 1, 512, 512), "sadnn_cls_small_2d"),
-    Spec("unet_baseline", "unet_baseline", {}, (8, 1, 256, 256), "unet_baseline_2d"),
+    _spec("sadnn_seg", "sadnn_seg", "paper", 8, "sadnn_seg_small_2d"),
+    _spec("sadnn_cls", "sadnn_cls", "paper", 4, "sadnn_cls_small_2d"),
+    _spec("unet_baseline", "unet_seg", "paper", 8, "unet_baseline_2d"),
     # attention classifiers at their papers' sizes: a 2048 x 1664 mammogram, 3-window CT at 256 (8 x 8 grid), 224 RGB
-    Spec("hct", "hct", {}, (1, 1, 2048, 1664), "hct_small_cls_2d"),
-    Spec("scopeformer", "scopeformer", {}, (2, 3, 256, 256), "scopeformer_small_cls_2d"),
-    Spec("patchconvnet", "patchconvnet_s60", {}, (4, 3, 224, 224), "patchconvnet_small_cls_2d"),
+    _spec("hct", "hct_cls", "paper", 1, "hct_small_cls_2d"),
+    _spec("scopeformer", "scopeformer_cls", "paper", 2, "scopeformer_small_cls_2d"),
+    _spec("patchconvnet", "patchconvnet_cls", "paper", 4, "patchconvnet_small_cls_2d"),
 ]
-_ORGANS = 6  # the organ-presence labels of the trained small classifiers (sample_models.trained_models.ORGAN_CLASSES)
 QUICK_SPECS = [
-    Spec("sadnn_seg", "sadnn_seg_small", {}, (8, 1, 256, 256), "sadnn_seg_small_2d"),
-    Spec("sadnn_cls", "sadnn_cls_small", {}, (4, 1, 128, 128), "sadnn_cls_small_2d"),
-    Spec("unet_baseline", "unet_baseline", {}, (8, 1, 128, 128), "unet_baseline_2d"),
+    # the small SaDNN-seg at the paper network's slice size (as the full run times it)
+    _spec("sadnn_seg", "sadnn_seg", "small", 8, "sadnn_seg_small_2d", size_of="paper"),
+    _spec("sadnn_cls", "sadnn_cls", "small", 4, "sadnn_cls_small_2d"),
+    _spec("unet_baseline", "unet_seg", "small", 8, "unet_baseline_2d"),
     # the trained small variants themselves, at their training sizes (see sample_models/trained_models.py)
-    Spec("hct", "hct_small", {"out_channels": _ORGANS, "strides": (2, 1, 1, 1, 1)}, (8, 1, 64, 64), "hct_small_cls_2d"),
-    Spec(
-        "scopeformer",
-        "scopeformer_small",
-        {"in_channels": 1, "out_channels": _ORGANS},
-        (8, 1, 128, 128),
-        "scopeformer_small_cls_2d",
-    ),
-    Spec(
-        "patchconvnet",
-        "patchconvnet_small",
-        {"in_channels": 1, "out_channels": _ORGANS},
-        (8, 1, 128, 128),
-        "patchconvnet_small_cls_2d",
-    ),
+    _spec("hct", "hct_cls", "small", 8, "hct_small_cls_2d"),
+    _spec("scopeformer", "scopeformer_cls", "small", 8, "scopeformer_small_cls_2d"),
+    _spec("patchconvnet", "patchconvnet_cls", "small", 8, "patchconvnet_small_cls_2d"),
 ]
 
 

@@ -49,11 +49,13 @@ from monailabel_app.lib.quality import bundled_quality  # noqa: E402
 from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
 from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
+from networks.registry import default_model_order  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# preference order of the default model: INT8 first (the product's point: INT8 on ordinary CPUs)
-_DEFAULT_ORDER = ("sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_int8", "unet_seg_fp32", "sadnn_seg3d_fp32")
+# preference order of the default model: the families' default_rank in networks/registry.py, INT8 first within a
+# family (the product's point: INT8 on ordinary CPUs)
+_DEFAULT_ORDER = default_model_order()
 
 
 class MedAttnSlicerApp(MONAILabelApp):
@@ -121,7 +123,7 @@ class MedAttnSlicerApp(MONAILabelApp):
     def _twin_pair(self) -> tuple[SegmentationInfer, SegmentationInfer] | None:
         """(INT8, FP32) tasks of the first segmentation family served in both precisions."""
         tasks = self._segmentation_tasks()
-        for family in ("sadnn_seg", "unet_seg"):
+        for family in dict.fromkeys(FAMILY_OF[name] for name in _DEFAULT_ORDER):
             int8, fp32 = tasks.get(f"{family}_int8"), tasks.get(f"{family}_fp32")
             if int8 is not None and fp32 is not None:
                 return int8, fp32
@@ -142,7 +144,7 @@ class MedAttnSlicerApp(MONAILabelApp):
 
     def _quality(self, name: str, task: AppInferTask | None = None) -> dict[str, Any] | None:
         task = task or self._infers[name]
-        return bundled_quality(task.spec.family, task.spec.task, self.app_config.bundled_dir)
+        return bundled_quality(task.spec.family, self.app_config.bundled_dir)
 
     def _experimental(self, name: str, task: AppInferTask | None = None) -> bool:
         quality = self._quality(name, task)

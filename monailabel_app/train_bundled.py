@@ -18,11 +18,11 @@ path):
 4. copies the files into ``--out`` and writes ``bundled_weights.json`` (command, seeds, data, times, held-out
    figures).
 
-Families: ``sadnn_seg`` (liver), ``unet_seg`` (liver, MONAI BasicUNet baseline), ``sadnn_cls`` (per-slice presence
-of liver, spleen, kidneys and stomach), ``sadnn_seg3d`` (liver, native 3D); the classifiers ``hct_cls``,
-``scopeformer_cls`` and ``patchconvnet_cls`` on the same task as ``sadnn_cls``. A run of some families
-(``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and their entries in
-``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
+Families: every entry of :mod:`networks.registry`, which holds each one's recipe (``labels``: the organs trained
+on; ``training``: the train task's request; ``int8``: the calibration); :func:`train_request` assembles the request.
+Segmentation families learn the liver, the classifiers per-slice presence of liver, spleen, kidneys and stomach.
+A run of some families (``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and
+their entries in ``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
 the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of the INT8 recipe.
 """
 
@@ -36,7 +36,6 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,72 +45,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from monailabel_app.lib.model_store import MODEL_SPECS, ModelFiles, NetworkCache, file_version  # noqa: E402
+from monailabel_app.lib.model_store import ModelFiles, NetworkCache, file_version  # noqa: E402
 from networks.isa import cpu_best_isa  # noqa: E402
+from networks.registry import FAMILIES, Int8Recipe, ModelFamily  # noqa: E402
 
 logger = logging.getLogger("train_bundled")
 
 TRAIN_IMAGES = ("example_ct", "example_mr_sm")
 HELD_OUT_IMAGES = ("example_ct_dicom",)
-SEG_ORGANS = ("liver",)
-CLS_ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "stomach")
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """Training settings of one family (``max_epochs`` = optimiser steps: two volumes, batch of two volumes)."""
-
-    family: str
-    organs: tuple[str, ...]
-    request: dict[str, Any] = field(default_factory=dict)
-
-
-RECIPES: dict[str, Recipe] = {
-    "sadnn_seg": Recipe(
-        "sadnn_seg",
-        SEG_ORGANS,
-        # Dice + cross-entropy from softened query projections (the app trainer's default query_init_scale):
-        # with DiceLoss alone the small SaDNN reached Dice 0.65 on its own training CT and ~0 on the held-out one
-        {"max_epochs": 300, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5, "loss": "dicece"},
-    ),
-    "unet_seg": Recipe(
-        "unet_seg",
-        SEG_ORGANS,
-        {"max_epochs": 160, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5},
-    ),
-    "sadnn_cls": Recipe(
-        "sadnn_cls",
-        CLS_ORGANS,
-        {"max_epochs": 160, "num_samples": 8, "learning_rate": 1e-3, "pos_ratio": 0.7},
-    ),
-    # the classifiers of issue 5, small variants, same task and data as sadnn_cls
-    "hct_cls": Recipe(
-        "hct_cls",
-        CLS_ORGANS,
-        {"max_epochs": 160, "num_samples": 8, "learning_rate": 1e-3, "pos_ratio": 0.7},
-    ),
-    "scopeformer_cls": Recipe(
-        "scopeformer_cls",
-        CLS_ORGANS,
-        # with BatchNorm backbones it fitted the training volumes at any setting (lr 1e-3 / 3e-4 / 1e-4) and scored
-        # held-out F1 0.29 (running statistics); the family's network now has instance-normalised backbones and
-        # dropout 0.2 (MODEL_SPECS), trained for fewer steps at a higher rate (300 steps at 1e-4 fitted the training
-        # CT to 0.99 and reached 0.72 held out; 150 steps at 3e-4: 0.95 and 0.83)
-        {"max_epochs": 150, "num_samples": 8, "learning_rate": 3e-4, "pos_ratio": 0.5},
-    ),
-    "patchconvnet_cls": Recipe(
-        "patchconvnet_cls",
-        CLS_ORGANS,
-        # layer scale starts the blocks near identity: it needs more steps (160 steps at pos_ratio 0.7 left it
-        # answering "present" on most slices, F1 0.50 on its own training CT)
-        {"max_epochs": 480, "num_samples": 8, "learning_rate": 1e-3, "pos_ratio": 0.5},
-    ),
-    "sadnn_seg3d": Recipe(
-        "sadnn_seg3d",
-        SEG_ORGANS,
-        {"max_epochs": 16, "num_samples": 1, "learning_rate": 3e-3, "pos_ratio": 0.7},
-    ),
-}
 
 QUICK_EPOCHS = 2
 
@@ -132,27 +74,33 @@ def build_datastores(work: Path, organs: tuple[str, ...]) -> tuple[Path, Path]:
     return Path(train), Path(held)
 
 
-def train_family(recipe: Recipe, work: Path, quick: bool, seed: int) -> dict[str, Any]:
+def train_request(family: ModelFamily, seed: int) -> dict[str, Any]:
+    """The train task's request of ``family``'s recipe: from scratch, no validation split, on the CPU."""
+    # a family without INT8 records the default calibration size, which its train task does not use
+    int8 = family.int8 or Int8Recipe()
+    return {
+        "model": family.family,
+        "train_batch_size": family.training.train_batch_size,
+        "val_split": 0.0,
+        "pretrained": False,
+        "seed": seed,
+        "calibration_slices": int8.calibration_slices,
+        "device": "cpu",
+        **family.training.request(),
+    }
+
+
+def train_family(family: ModelFamily, work: Path, quick: bool, seed: int) -> dict[str, Any]:
     """Train one family with the app's train task; returns the task's stats (with ``published``)."""
     from monailabel_app.lib.trainers.classification import ClassificationTrain
     from monailabel_app.lib.trainers.segmentation import SegmentationTrain
 
-    spec = MODEL_SPECS[recipe.family]
-    train_dir, _ = build_datastores(work, recipe.organs)
-    files = ModelFiles(recipe.family, str(work / "no_bundled_weights"), str(work / "models"))
-    labels = {organ: i + 1 for i, organ in enumerate(recipe.organs)}
-    task_type = ClassificationTrain if spec.task == "classification" else SegmentationTrain
-    task = task_type(spec, files, labels)
-    request = {
-        "model": recipe.family,
-        "train_batch_size": 2,
-        "val_split": 0.0,
-        "pretrained": False,
-        "seed": seed,
-        "calibration_slices": 32,
-        "device": "cpu",
-        **recipe.request,
-    }
+    train_dir, _ = build_datastores(work, family.labels)
+    files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
+    labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
+    task_type = ClassificationTrain if family.task == "classification" else SegmentationTrain
+    task = task_type(family, files, labels)
+    request = train_request(family, seed)
     if quick:
         request["max_epochs"] = QUICK_EPOCHS
     start = time.time()
@@ -162,7 +110,7 @@ def train_family(recipe: Recipe, work: Path, quick: bool, seed: int) -> dict[str
     return stats
 
 
-def requantize_family(recipe: Recipe, bundled: Path, work: Path, seed: int) -> dict[str, Any]:
+def requantize_family(family: ModelFamily, bundled: Path, work: Path, seed: int) -> dict[str, Any]:
     """Re-quantise the bundled FP32 weights of one family without training, exactly as a training run ends
     (calibration slices of the training datastore with the checkpoint's own preprocessing, then
     ``publish_trained``); the FP32 weights are published unchanged. Returns ``{"published": ...}``."""
@@ -171,27 +119,27 @@ def requantize_family(recipe: Recipe, bundled: Path, work: Path, seed: int) -> d
     from monailabel_app.lib.preprocess import Preprocessing
     from monailabel_app.lib.trainers.common import calibration_slices, publish_trained
 
-    spec = MODEL_SPECS[recipe.family]
-    if not spec.int8:
-        raise ValueError(f"{recipe.family} has no INT8 variant to re-quantise")
-    model, metadata = load_checkpoint(bundled / ModelFiles(recipe.family, str(bundled), str(bundled)).filename("fp32"))
+    if not family.int8:
+        raise ValueError(f"{family.family} has no INT8 variant to re-quantise")
+    model, metadata = load_checkpoint(bundled / ModelFiles(family.family, str(bundled), str(bundled)).filename("fp32"))
     app_meta = dict(metadata["app"])
-    train_dir, _ = build_datastores(work, recipe.organs)
+    train_dir, _ = build_datastores(work, family.labels)
     store = _datastore(train_dir)
     datalist = [
         {"image": store.get_image_uri(i), "label": store.get_label_uri(i, "final")}
         for i in sorted(store.get_labeled_images())
     ]
-    labels = {organ: i + 1 for i, organ in enumerate(recipe.organs)}
+    labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
     prep = Preprocessing.from_dict(app_meta["preprocess"])
-    calibration, used = calibration_slices(datalist, prep, list(labels.values()), n_slices=32, seed=seed)
+    n_slices = family.int8.calibration_slices
+    calibration, used = calibration_slices(datalist, prep, list(labels.values()), n_slices=n_slices, seed=seed)
     app_meta["calibration"] = {
         "slices": sum(len(b) for b in calibration),
         "images": [os.path.basename(p) for p in used],
     }
-    files = ModelFiles(recipe.family, str(work / "no_bundled_weights"), str(work / "models"))
+    files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
     published = publish_trained(
-        spec,
+        family,
         files,
         model,
         metadata["factory_name"],
@@ -207,19 +155,20 @@ def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int])
     from monailabel_app.lib.infers.classification import ClassificationInfer
     from monailabel_app.lib.infers.segmentation import SegmentationInfer
 
-    spec = MODEL_SPECS[family]
+    spec = FAMILIES[family]
     files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
     cls = ClassificationInfer if spec.task == "classification" else SegmentationInfer
-    return cls(f"{family}_{precision}", spec, files, precision, NetworkCache(), labels)
+    return cls(spec.served_name(precision), spec, files, precision, NetworkCache(), labels)
 
 
 def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[str, Any]:
-    """Dice against the TotalSegmentator liver label of every image in ``datastore_dir``, FP32 and INT8."""
-    spec = MODEL_SPECS[family]
+    """Dice against the TotalSegmentator label (the family's one organ) of every image in ``datastore_dir``, FP32
+    and INT8."""
+    spec = FAMILIES[family]
     store = _datastore(datastore_dir)
     result: dict[str, Any] = {}
     for precision in ("fp32", "int8") if spec.int8 else ("fp32",):
-        task = _infer_task(family, precision, work, {"liver": 1})
+        task = _infer_task(family, precision, work, {organ: i + 1 for i, organ in enumerate(spec.labels)})
         for image_id in sorted(store.get_labeled_images()):
             start = time.time()
             _, data = task(
@@ -288,7 +237,7 @@ def publish_bundle(work: Path, out: Path, families: list[str]) -> dict[str, Any]
     versions: dict[str, Any] = {}
     for family in families:
         files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
-        for precision in ("fp32", "int8") if MODEL_SPECS[family].int8 else ("fp32",):
+        for precision in ("fp32", "int8") if FAMILIES[family].int8 else ("fp32",):
             source = files.current(precision)
             if source is None:
                 raise FileNotFoundError(f"{family} {precision}: training published no file")
@@ -307,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "model"), help="bundled weights folder")
     parser.add_argument("--work", default=str(REPO_ROOT / "runs" / "bundled"), help="scratch folder")
-    parser.add_argument("--families", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs per family (a smoke test)")
@@ -320,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in families if f not in RECIPES]
+    unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        parser.error(f"unknown families {unknown}; choose from {list(RECIPES)}")
+        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     if args.requantize:
-        families = [f for f in families if MODEL_SPECS[f].int8]
+        families = [f for f in families if FAMILIES[f].int8]
     work = Path(args.work).resolve()
     shutil.rmtree(work / "models", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -346,18 +295,18 @@ def main(argv: list[str] | None = None) -> int:
         "families": {},
     }
     for family in families:
-        recipe = RECIPES[family]
+        registered = FAMILIES[family]
         if args.requantize:
             logger.info(f"=== re-quantising the bundled {family} ===")
-            stats = requantize_family(recipe, Path(args.out).resolve(), work, args.seed)
+            stats = requantize_family(registered, Path(args.out).resolve(), work, args.seed)
         else:
-            logger.info(f"=== training {family} on {TRAIN_IMAGES} ({recipe.organs}) ===")
-            stats = train_family(recipe, work, args.quick, args.seed)
-        _, held_dir = build_datastores(work, recipe.organs)
-        train_dir, _ = build_datastores(work, recipe.organs)
-        if MODEL_SPECS[family].task == "classification":
-            held_out = evaluate_classification(family, work, held_dir, recipe.organs)
-            training = evaluate_classification(family, work, train_dir, recipe.organs)
+            logger.info(f"=== training {family} on {TRAIN_IMAGES} ({registered.labels}) ===")
+            stats = train_family(registered, work, args.quick, args.seed)
+        _, held_dir = build_datastores(work, registered.labels)
+        train_dir, _ = build_datastores(work, registered.labels)
+        if registered.task == "classification":
+            held_out = evaluate_classification(family, work, held_dir, registered.labels)
+            training = evaluate_classification(family, work, train_dir, registered.labels)
         else:
             held_out = evaluate_segmentation(family, work, held_dir)
             training = evaluate_segmentation(family, work, train_dir)
@@ -365,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             # per family: a run of some families keeps the others' entries (merged below) and their own commands
             "command": report["command"],
             "threads": args.threads,
-            "organs": list(recipe.organs),
+            "organs": list(registered.labels),
             "request": stats.get("request"),
             "train_seconds": stats.get("train_seconds"),
             "final_train_metric": stats.get("best_metric"),

@@ -17,7 +17,7 @@ value sums in integer arithmetic; softmax, BatchNorm and pooling are not MACs). 
 Scopeformer and PatchConvNet keep their activation x activation products in float, so cards also give
 ``macs_int8`` (what really runs in integer arithmetic) and ``energy_int8_mixed_j`` (the rest priced at FP32).
 
-Run ``python -m networks.model_card [--out DIR]`` to print the cards of the registered networks and write
+Run ``python -m networks.model_card [--out DIR]`` to print the cards of the registered families' networks and write
 ``model_cards.json`` and ``model_cards_radar.png``.
 """
 
@@ -31,7 +31,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from networks.atomic_file import atomic_path
+from networks.registry import LiveMapping, card_variants
 
 __all__ = [
     "ENERGY_PJ",
@@ -431,27 +432,18 @@ def radar_chart(
     return path
 
 
-# name -> (factory kwargs, input shape of the card's forward pass, calibration input shape for the INT8 size).
-# Paper networks at their paper input sizes; calibration inputs are as small as each network accepts (the INT8
-# file size does not depend on them).
-CARD_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = {
-    "sadnn_seg": ({}, (1, 1, 256, 256), (1, 1, 32, 32)),
-    "sadnn_cls": ({}, (1, 1, 512, 512), (1, 1, 512, 512)),
-    "sadnn_seg_small": ({}, (1, 1, 128, 128), (1, 1, 32, 32)),
-    "sadnn_cls_small": ({}, (1, 1, 128, 128), (1, 1, 128, 128)),
-    "unet_baseline": ({}, (1, 1, 256, 256), (1, 1, 32, 32)),
-    "resnet18_baseline": ({}, (1, 1, 512, 512), (1, 1, 64, 64)),
-    # Issue 5 attention classifiers. Paper sizes: HCT on a 2048 x 1664 mammogram (2 classes), Scopeformer on
-    # 3-window 256 x 256 CT slices (the smallest input giving its 8 x 8 grid without repeated backbone features,
-    # 6 labels), PatchConvNet-S60 on 224 x 224 RGB (1000 classes). Small variants with the kwargs and input sizes
-    # of their trained configurations in sample_models/trained_models.py (6 organ-presence labels).
-    "hct": ({}, (1, 1, 2048, 1664), (1, 1, 256, 256)),
-    "hct_small": ({"out_channels": 6, "strides": (2, 1, 1, 1, 1)}, (1, 1, 64, 64), (1, 1, 64, 64)),
-    "scopeformer": ({}, (1, 3, 256, 256), (1, 3, 256, 256)),
-    "scopeformer_small": ({"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128), (1, 1, 128, 128)),
-    "patchconvnet_s60": ({}, (1, 3, 224, 224), (1, 3, 64, 64)),
-    "patchconvnet_small": ({"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128), (1, 1, 128, 128)),
-}
+def _card_models() -> dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]]:
+    return {
+        name: (dict(variant.factory_kwargs), (1, *variant.input_shape), (1, *variant.calibration_input))
+        for name, variant in card_variants().items()
+    }
+
+
+CARD_MODELS: Mapping[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = LiveMapping(_card_models)
+"""Card name (factory name) -> (factory kwargs, input shape of the card's forward pass, calibration input shape for
+the INT8 size): the paper, small and baseline variants of every :mod:`networks.registry` family. Paper networks are
+at their paper input sizes; calibration inputs are as small as each network accepts (the INT8 file size does not
+depend on them)."""
 
 
 def _random_calibration(input_shape: Sequence[int], batches: int, seed: int) -> list[torch.Tensor]:

@@ -297,19 +297,21 @@ def _bundle_with(tmp_path: Path, figures: dict[str, float]) -> Path:
 
 def test_models_below_the_quality_floor_are_served_only_on_request(tmp_path: Path):
     from monailabel_app.lib.app_config import AppConfig
-    from monailabel_app.lib.quality import QUALITY_FLOORS, bundled_quality
+    from monailabel_app.lib.quality import bundled_quality
+    from networks.registry import get_family
 
-    floor = QUALITY_FLOORS["segmentation"].value
+    floor = get_family("sadnn_seg").quality_floor.value
+    assert get_family("unet_seg").quality_floor.value == floor
     app = _bundle_with(tmp_path, {"sadnn_seg": floor - 0.001, "unet_seg": floor, "sadnn_seg3d": 0.9})
     default = AppConfig.from_conf(str(app), {}).models
     assert "sadnn_seg_int8" not in default and "sadnn_seg_fp32" not in default  # 0.001 below
     assert {"unet_seg_int8", "unet_seg_fp32", "sadnn_seg3d_fp32", "hct_cls_int8"} <= set(default)  # at / above / none
     assert "sadnn_seg_int8" in AppConfig.from_conf(str(app), {"models": "all"}).models
     assert AppConfig.from_conf(str(app), {"models": "sadnn_seg"}).models == ["sadnn_seg_int8", "sadnn_seg_fp32"]
-    quality = bundled_quality("sadnn_seg", "segmentation", str(app / "model"))
+    quality = bundled_quality("sadnn_seg", str(app / "model"))
     assert quality["experimental"] and quality["worst"] == pytest.approx(floor - 0.001)
     assert quality["values"] == pytest.approx({"fp32": floor - 0.001, "int8": floor + 0.009})
-    assert bundled_quality("hct_cls", "classification", str(app / "model")) is None  # no classification floor
+    assert bundled_quality("hct_cls", str(app / "model")) is None  # no classification floor
 
 
 def test_bundled_3d_sadnn_is_not_served_by_default():

@@ -19,6 +19,7 @@ import pytest
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
+from networks.registry import list_families
 from tests.image_checks import assert_same_grid, read_array
 from tests.server_fixture import ServerHandle, start_sample_server
 
@@ -68,7 +69,9 @@ def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelCl
     assert models["sadnn_seg_int8"]["labels"] == {"liver": 1}
     assert set(info["strategies"]) == {"random", "first", "tta_uncertainty", "int8_disagreement"}
     assert set(info["scoring"]) == {"over_under", "int8_agreement"}
-    assert set(info["trainers"]) == {"sadnn_seg", "sadnn_cls", "hct_cls", "scopeformer_cls", "patchconvnet_cls"}
+    # /train/<family> for the families the registry marks server-trainable (sadnn_seg and the classifiers)
+    assert set(info["trainers"]) == {f.family for f in list_families() if f.server_training}
+    assert "sadnn_seg" in info["trainers"] and "unet_seg" not in info["trainers"]
 
 
 # ------------------------------------------------------------------------------------------- inference

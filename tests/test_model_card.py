@@ -249,15 +249,12 @@ def _conv_and_linear_macs(model: nn.Module, shape) -> tuple[int, int]:
     return totals[0], totals[1]
 
 
-@pytest.mark.parametrize(
-    "name, kwargs, shape",
-    [
-        ("hct_small", {"out_channels": 6, "strides": (2, 1, 1, 1, 1)}, (1, 1, 64, 64)),
-        ("patchconvnet_small", {"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128)),
-        ("scopeformer_small", {"in_channels": 1, "out_channels": 6}, (1, 1, 128, 128)),
-    ],
-)
-def test_attention_classifier_macs_cover_convs_linears_and_attention(name, kwargs, shape):
+@pytest.mark.parametrize("family", ["hct_cls", "patchconvnet_cls", "scopeformer_cls"])
+def test_attention_classifier_macs_cover_convs_linears_and_attention(family):
+    from networks.registry import get_family
+
+    small = get_family(family).small  # the small variant the cards report, at its card size
+    name, kwargs, shape = small.factory_name, small.factory_kwargs, (1, *small.input_shape)
     torch.manual_seed(0)
     model = create_model(name, **kwargs).eval()
     macs = count_macs(model, shape)

@@ -6,30 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from networks.registry import SERVED_MODELS, LiveMapping
 
 __all__ = ["AppConfig", "parse_labels", "default_model_dir", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
 
 logger = logging.getLogger(__name__)
 
-# served model name -> (family, precision)
-MODEL_NAMES: dict[str, tuple[str, str]] = {
-    "sadnn_seg_int8": ("sadnn_seg", "int8"),
-    "sadnn_seg_fp32": ("sadnn_seg", "fp32"),
-    "unet_seg_int8": ("unet_seg", "int8"),
-    "unet_seg_fp32": ("unet_seg", "fp32"),
-    "sadnn_cls_int8": ("sadnn_cls", "int8"),
-    "sadnn_cls_fp32": ("sadnn_cls", "fp32"),
-    "hct_cls_int8": ("hct_cls", "int8"),
-    "hct_cls_fp32": ("hct_cls", "fp32"),
-    "scopeformer_cls_int8": ("scopeformer_cls", "int8"),
-    "scopeformer_cls_fp32": ("scopeformer_cls", "fp32"),
-    "patchconvnet_cls_int8": ("patchconvnet_cls", "int8"),
-    "patchconvnet_cls_fp32": ("patchconvnet_cls", "fp32"),
-    "sadnn_seg3d_fp32": ("sadnn_seg3d", "fp32"),
-}
-FAMILY_OF = {name: family for name, (family, _) in MODEL_NAMES.items()}
+# served model name -> (family, precision), and -> family: live views of the model-family registry
+MODEL_NAMES: Mapping[str, tuple[str, str]] = SERVED_MODELS
+FAMILY_OF: Mapping[str, str] = LiveMapping(lambda: {name: family for name, (family, _) in SERVED_MODELS.items()})
 
 CONF_HELP = {
     "models": "'default' (every model whose bundled weights meet their quality floor, lib/quality.py), 'all' (also "
@@ -152,7 +141,6 @@ class AppConfig:
 
     @staticmethod
     def _select_models(text: str, bundled_dir: str) -> list[str]:
-        from monailabel_app.lib.model_store import MODEL_SPECS
         from monailabel_app.lib.quality import below_floor
 
         families = sorted(set(FAMILY_OF.values()))
@@ -161,7 +149,7 @@ class AppConfig:
             if not item:
                 continue
             if item == "default":
-                experimental = {f for f in families if below_floor(f, MODEL_SPECS[f].task, bundled_dir)}
+                experimental = {f for f in families if below_floor(f, bundled_dir)}
                 if experimental:
                     logger.info(
                         f"not serving {sorted(experimental)} by default: their bundled weights measured below the "

@@ -2,8 +2,7 @@
 """Where each served network's files live, how they are loaded (and reloaded when they change), and how trained
 networks are published.
 
-Every model *family* (``sadnn_seg``, ``unet_seg``, ``sadnn_cls``, ``hct_cls``, ``scopeformer_cls``,
-``patchconvnet_cls``, ``sadnn_seg3d``) has two files per folder:
+Every model *family* (:mod:`networks.registry`) has two files per folder:
 
 - ``<family>.pt``: FP32 checkpoint (:mod:`networks.checkpoint`: factory name + kwargs + weights + metadata);
 - ``<family>_int8.pt``: INT8 TorchScript artifact (:mod:`networks.quantization`), when the family has one.
@@ -23,11 +22,12 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from networks.registry import FAMILIES, ModelFamily
 
 __all__ = [
     "ModelSpec",
@@ -44,100 +44,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A served network family.
+# The app's name for a registry entry: infer and train tasks take the family they serve.
+ModelSpec = ModelFamily
 
-    Attributes:
-        family: file stem and train task name (``sadnn_seg``).
-        task: ``"segmentation"`` or ``"classification"``.
-        factory_name: :func:`networks.factory.create_model` name of new (untrained) networks.
-        factory_kwargs: constructor keywords of new networks (``out_channels`` is set from the labels).
-        spatial_dims: 2 for slice networks (volumes are segmented slice by slice), 3 for native volume networks.
-        int8: whether an INT8 variant is served.
-        description: shown in ``/info``.
-    """
-
-    family: str
-    task: str
-    factory_name: str
-    factory_kwargs: dict = field(default_factory=dict)
-    spatial_dims: int = 2
-    int8: bool = True
-    description: str = ""
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    spec.family: spec
-    for spec in (
-        ModelSpec(
-            "sadnn_seg",
-            "segmentation",
-            "sadnn_seg_small",
-            {},
-            2,
-            True,
-            "SaDNN-seg (local self-attention U-net), 2D, applied slice by slice to volumes",
-        ),
-        ModelSpec(
-            "unet_seg",
-            "segmentation",
-            "unet_baseline",
-            {"features": (8, 16, 32, 64, 128, 8)},
-            2,
-            True,
-            "MONAI BasicUNet baseline, 2D, applied slice by slice to volumes",
-        ),
-        ModelSpec(
-            "sadnn_cls",
-            "classification",
-            "sadnn_cls_small",
-            {},
-            2,
-            True,
-            "SaDNN-cls (local self-attention classifier): per-slice multi-label organ presence, RISE saliency",
-        ),
-        ModelSpec(
-            "hct_cls",
-            "classification",
-            "hct_small",
-            {"in_channels": 1},
-            2,
-            True,
-            "HCT (attention-convolution ResNet-22, Performer FAVOR+), small: per-slice multi-label organ presence",
-        ),
-        ModelSpec(
-            "scopeformer_cls",
-            "classification",
-            "scopeformer_tiny",
-            # instance-normalised backbones (no running statistics: BatchNorm's, from one or two training volumes,
-            # did not carry over to other scans) and dropout 0.2 in the transformer: see monailabel_app/README.md
-            {"in_channels": 1, "backbone_norm": ["instance", {"affine": True}], "dropout": 0.2},
-            2,
-            True,
-            "Efficient Scopeformer (CNN backbones + re-attention ViT, baseline tokens), tiny: per-slice multi-label "
-            "organ presence",
-        ),
-        ModelSpec(
-            "patchconvnet_cls",
-            "classification",
-            "patchconvnet_small",
-            {"in_channels": 1},
-            2,
-            True,
-            "PatchConvNet (conv trunk + class-attention pooling), small: per-slice multi-label organ presence",
-        ),
-        ModelSpec(
-            "sadnn_seg3d",
-            "segmentation",
-            "sadnn_seg_small",
-            {"spatial_dims": 3, "features": (4, 8, 16, 32, 32)},
-            3,
-            False,
-            "SaDNN-seg 3D variant (3x3x3 local self-attention), native 3D sliding window",
-        ),
-    )
-}
+MODEL_SPECS: Mapping[str, ModelFamily] = FAMILIES
+"""Served families by name: the live view of :mod:`networks.registry` (the only place a family is described)."""
 
 
 def file_version(path: str | None) -> dict[str, Any] | None:

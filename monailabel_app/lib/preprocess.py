@@ -38,7 +38,7 @@ from monailabel_app.lib.transforms.intensity import ModalityIntensityd
 from monailabel_app.lib.transforms.labels import SelectLabelValuesd
 from monailabel_app.lib.transforms.validate import ToSingleChanneld, ValidateImaged
 
-__all__ = ["Preprocessing", "DEFAULT_SLICE_PREPROCESSING", "DEFAULT_VOLUME_PREPROCESSING"]
+__all__ = ["Preprocessing"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,3 @@ class Preprocessing:
         t.append(EnsureTyped(keys=keys, dtype="float32", track_meta=True))
         return t
 
-
-DEFAULT_SLICE_PREPROCESSING = Preprocessing()
-DEFAULT_VOLUME_PREPROCESSING = Preprocessing(spacing=(6.0, 6.0, 6.0), roi_size=(64, 64, 64))

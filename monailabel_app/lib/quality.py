@@ -1,6 +1,7 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Quality floors for serving: a bundled model whose measured held-out quality is below its task's floor is not
-loaded by default (``--conf models all`` still loads it) and ``/info`` marks it experimental, with its figure.
+"""Quality floors for serving: a bundled model whose measured held-out quality is below its family's floor
+(``quality_floor`` of its :mod:`networks.registry` entry) is not loaded by default (``--conf models all`` still
+loads it) and ``/info`` marks it experimental, with its figure.
 
 The figures come from ``model/bundled_weights.json``, written by ``make weights`` / ``make requantize``
 (:mod:`monailabel_app.train_bundled`): held-out quality on ``example_ct_dicom``, another patient than the training
@@ -12,25 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QUALITY_FLOORS", "QualityFloor", "bundled_quality", "below_floor"]
+from networks.registry import FAMILIES
+
+__all__ = ["bundled_quality", "below_floor"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class QualityFloor:
-    metric: str  # key of the held-out figures in bundled_weights.json
-    value: float  # lowest acceptable held-out value (worst precision served)
-    what: str
-
-
-# Segmentation: liver Dice 0.80 on the held-out CT (the 2D SaDNN-seg reaches 0.84, the MONAI UNet 0.90; a model that
-# labels most of the body scores near 0). Classification has no floor yet: 20 slices of one CT, on which answering
-# "every organ present" already scores F1 0.75, cannot tell a better classifier from a worse one.
-QUALITY_FLOORS = {"segmentation": QualityFloor("dice", 0.80, "held-out liver Dice")}
 
 
 def _bundled_report(bundled_dir: str) -> dict[str, Any]:
@@ -43,14 +32,15 @@ def _bundled_report(bundled_dir: str) -> dict[str, Any]:
         return {}
 
 
-def bundled_quality(family: str, task: str, bundled_dir: str) -> dict[str, Any] | None:
-    """The measured held-out quality of a family's bundled weights and its floor, for ``/info``; None without a
-    floor for ``task`` or without figures.
+def bundled_quality(family: str, bundled_dir: str) -> dict[str, Any] | None:
+    """The measured held-out quality of a family's bundled weights and its floor, for ``/info``; None for a family
+    without a floor (or not registered) or without figures.
 
     Returns:
         ``{"metric", "values": {precision: value}, "worst", "floor", "experimental", "measured_on", "labels_are"}``.
     """
-    floor = QUALITY_FLOORS.get(task)
+    entry = FAMILIES.get(family)
+    floor = entry.quality_floor if entry is not None else None
     report = _bundled_report(bundled_dir)
     held_out = (report.get("families", {}).get(family) or {}).get("held_out") or {}
     if floor is None or not held_out:
@@ -74,7 +64,7 @@ def bundled_quality(family: str, task: str, bundled_dir: str) -> dict[str, Any] 
     }
 
 
-def below_floor(family: str, task: str, bundled_dir: str) -> bool:
-    """Whether a family's bundled weights measured below its task's floor (then it is served only on request)."""
-    quality = bundled_quality(family, task, bundled_dir)
+def below_floor(family: str, bundled_dir: str) -> bool:
+    """Whether a family's bundled weights measured below its floor (then it is served only on request)."""
+    quality = bundled_quality(family, bundled_dir)
     return bool(quality and quality["experimental"])

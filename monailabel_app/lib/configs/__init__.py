@@ -1,14 +1,24 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""TaskConfigs of the served network families, by family name."""
+"""TaskConfigs of the served network families, by family name: one config class per task, configured by the
+family's :mod:`networks.registry` entry (a family registered later appears here too)."""
 
-from monailabel_app.lib.configs.hct_cls import HCTCls
-from monailabel_app.lib.configs.patchconvnet_cls import PatchConvNetCls
-from monailabel_app.lib.configs.sadnn_cls import SaDNNCls
-from monailabel_app.lib.configs.sadnn_seg import SaDNNSeg
-from monailabel_app.lib.configs.sadnn_seg3d import SaDNNSeg3D
-from monailabel_app.lib.configs.scopeformer_cls import ScopeformerCls
-from monailabel_app.lib.configs.unet_seg import UNetSeg
+from __future__ import annotations
 
-CONFIGS = {c.family: c for c in (SaDNNSeg, UNetSeg, SaDNNCls, HCTCls, ScopeformerCls, PatchConvNetCls, SaDNNSeg3D)}
+from collections.abc import Mapping
 
-__all__ = ["CONFIGS", "SaDNNSeg", "UNetSeg", "SaDNNCls", "HCTCls", "ScopeformerCls", "PatchConvNetCls", "SaDNNSeg3D"]
+from monailabel_app.lib.configs.base import FamilyConfig
+from monailabel_app.lib.configs.classification import ClassificationConfig
+from monailabel_app.lib.configs.segmentation import SegmentationConfig
+from networks.registry import FAMILIES, LiveMapping
+
+CONFIG_OF_TASK: dict[str, type[FamilyConfig]] = {
+    "segmentation": SegmentationConfig,
+    "classification": ClassificationConfig,
+}
+
+CONFIGS: Mapping[str, type[FamilyConfig]] = LiveMapping(
+    lambda: {name: CONFIG_OF_TASK[family.task] for name, family in FAMILIES.items()}
+)
+"""Family name -> its TaskConfig class (instantiate it and ``init(family, ...)``)."""
+
+__all__ = ["CONFIGS", "CONFIG_OF_TASK", "FamilyConfig", "ClassificationConfig", "SegmentationConfig"]

@@ -20,16 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 class FamilyConfig(TaskConfig):
-    """Configuration of one network family (``family`` is set by subclasses).
+    """Configuration of one network family; ``init``'s ``name`` is the family (:mod:`networks.registry`).
 
     ``init`` takes, beyond MONAI Label's arguments, ``app_config`` (:class:`AppConfig`) and ``cache``
     (:class:`NetworkCache` shared by all infer tasks).
     """
 
-    family: str = ""
-
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
+        self.family = name
         self.app_config: AppConfig = kwargs["app_config"]
         self.cache: NetworkCache = kwargs["cache"]
         self.spec: ModelSpec = MODEL_SPECS[self.family]

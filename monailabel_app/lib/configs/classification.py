@@ -1,6 +1,6 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
-"""Classification families: per-slice multi-label organ presence with explanation maps, FP32 and INT8; each is
-trainable (``/train/<family>``) from the datastore's label maps."""
+"""Classification families: per-slice multi-label organ presence with explanation maps, FP32 and INT8; trainable
+(``/train/<family>``, when the registry entry has ``server_training``) from the datastore's label maps."""
 
 from __future__ import annotations
 
@@ -16,22 +16,19 @@ __all__ = ["ClassificationConfig"]
 
 
 class ClassificationConfig(FamilyConfig):
-    """A classification family.
-
-    Subclasses set ``family``, ``explanations`` (the request names of :mod:`monailabel_app.lib.explanations` that
-    apply to the network, shown in ``/info``) and ``default_explanation``.
-    """
-
-    explanations: tuple[str, ...] = ("rise",)
-    default_explanation: str = "rise"
+    """A classification family; its registry entry names the explanations that apply to the network (request names
+    of :mod:`monailabel_app.lib.explanations`, shown in ``/info``) and the default one."""
 
     def make_infer(self, name: str, precision: str) -> InferTask:
+        default = self.spec.default_explanation or self.spec.explanations[0]
         return ClassificationInfer(
             **self.infer_arguments(name, precision),
             rise_masks=self.app_config.rise_masks,
-            explanations=check_explanations(self.explanations, self.default_explanation),
-            default_explanation=self.default_explanation,
+            explanations=check_explanations(self.spec.explanations, default),
+            default_explanation=default,
         )
 
     def trainer(self) -> TrainTask | None:
+        if not self.spec.server_training:
+            return None
         return ClassificationTrain(self.spec, self.files, self.app_config.labels, self.cache)

@@ -14,9 +14,7 @@ __all__ = ["SegmentationConfig"]
 
 
 class SegmentationConfig(FamilyConfig):
-    """A segmentation family; ``trainable`` families get a ``/train/<family>`` task."""
-
-    trainable: bool = False
+    """A segmentation family; those whose registry entry has ``server_training`` get a ``/train/<family>`` task."""
 
     def make_infer(self, name: str, precision: str) -> InferTask:
         return SegmentationInfer(
@@ -25,6 +23,6 @@ class SegmentationConfig(FamilyConfig):
         )
 
     def trainer(self) -> TrainTask | None:
-        if not self.trainable:
+        if not self.spec.server_training:
             return None
         return SegmentationTrain(self.spec, self.files, self.app_config.labels, self.cache)

@@ -224,7 +224,7 @@ def publish_trained(
 
             load_kernels()  # the INT8 attention core is a custom op of the kernel library
             start = time.time()
-            qmodel = quantize_int8(model, calibration)
+            qmodel = quantize_int8(model, calibration, **spec.int8.quantize_options)
             agreement = prediction_agreement(model, qmodel, calibration)
             agreement = {k: _number(v) for k, v in agreement.items() if isinstance(v, (int, float, str, np.number, torch.Tensor))}
             result["int8_agreement"] = agreement

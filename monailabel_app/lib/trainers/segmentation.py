@@ -33,7 +33,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel_app.lib.errors import ConflictError
 from monailabel_app.lib.image_io import read_header
 from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
-from monailabel_app.lib.preprocess import DEFAULT_SLICE_PREPROCESSING, DEFAULT_VOLUME_PREPROCESSING, Preprocessing
+from monailabel_app.lib.preprocess import Preprocessing
 from monailabel_app.lib.trainers.common import TrainProgress, calibration_slices, initial_network, publish_trained
 from monailabel_app.lib.trainers.datalist import image_id_of, read_training_roles, split_datalist
 
@@ -129,7 +129,8 @@ class SegmentationTrain(BasicTrainTask):
         return list(self.app_labels)
 
     def preprocessing(self) -> Preprocessing:
-        """The preprocessing of the served checkpoint (a retrained model keeps it), else the family default."""
+        """The preprocessing of the served checkpoint (a retrained model keeps it), else the family's input size and
+        spacing (its :mod:`networks.registry` entry) with the default intensity settings."""
         path = self.files.current("fp32")
         if path:
             from monailabel_app.lib.model_store import read_app_metadata
@@ -137,7 +138,7 @@ class SegmentationTrain(BasicTrainTask):
             meta = read_app_metadata(path)
             if meta.get("preprocess"):
                 return Preprocessing.from_dict(meta["preprocess"])
-        return DEFAULT_SLICE_PREPROCESSING if self.spec.spatial_dims == 2 else DEFAULT_VOLUME_PREPROCESSING
+        return Preprocessing(spacing=self.spec.spacing, roi_size=self.spec.input_size)
 
     def pre_process(self, request, datastore: Datastore):
         # the datastore's notes may hold labelled images out of training (held out / derived): partition_datalist
