@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from monailabel_app.launcher import APP_DIR, ServerHandle, ServerStartError, free_port, start_server
+from monailabel_app.launcher import APP_DIR, REPO_ROOT, VENV_BIN, ServerHandle, ServerStartError, free_port, start_server
 
 __all__ = [
     "APP_DIR",
