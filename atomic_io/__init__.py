@@ -1,9 +1,9 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """Atomic file writes shared by every package of the project (standard library only: no torch, no numpy).
 
-    >>> with atomic_path("weights.pt") as tmp:
-    ...     torch.save(state, tmp)                   # readers see the old file or the complete new one
-    >>> atomic_write_text("stats.json", json.dumps(stats))
+>>> with atomic_path("weights.pt") as tmp:
+...     torch.save(state, tmp)                   # readers see the old file or the complete new one
+>>> atomic_write_text("stats.json", json.dumps(stats))
 """
 
 from atomic_io.writer import (

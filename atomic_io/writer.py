@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
-    "atomic_path",
     "atomic_open",
+    "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "current_umask",
-    "new_file_mode",
-    "new_dir_mode",
     "fsync_directory",
+    "new_dir_mode",
+    "new_file_mode",
 ]
 
 # what open()/mkdir() ask the kernel for before the umask is applied

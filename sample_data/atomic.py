@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from atomic_io import atomic_path, atomic_write_bytes, new_dir_mode
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_image", "DIR_MODE"]
+__all__ = ["DIR_MODE", "atomic_write_bytes", "atomic_write_image", "atomic_write_json"]
 
 # the mode os.mkdir would give (folders made by tempfile.mkdtemp are owner-only)
 DIR_MODE = new_dir_mode()

@@ -108,8 +108,11 @@ FAILING_WRITES: list[tuple[str, Callable[[Path], None], type[BaseException]]] = 
     ("atomic_open then KeyboardInterrupt", lambda p: _write_then_raise(p, KeyboardInterrupt), KeyboardInterrupt),
     ("torch.save of an unpicklable object", lambda p: atomic_torch_save(_unpicklable_after_data(), p), Exception),
     ("json of a non-serialisable value", lambda p: sample_atomic.atomic_write_json(p, {"x": object()}), TypeError),
-    ("image to an unknown extension", lambda p: sample_atomic.atomic_write_image(_image(), p.with_suffix(".unknownext"),
-                                                                                 p.parent / ".staging"), RuntimeError),
+    (
+        "image to an unknown extension",
+        lambda p: sample_atomic.atomic_write_image(_image(), p.with_suffix(".unknownext"), p.parent / ".staging"),
+        RuntimeError,
+    ),
 ]
 
 
@@ -184,13 +187,14 @@ def test_temporary_file_is_hidden_next_to_the_destination_or_in_the_staging_fold
 
 
 def test_atomic_open_rejects_modes_that_do_not_write_a_whole_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
-        with atomic_open(tmp_path / "a", "ab"):
-            pass
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"), atomic_open(tmp_path / "a", "ab"):
+        pass
     assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_and_sample_data_import_no_torch() -> None:
-    code = "import sys, atomic_io, sample_data, sample_data.atomic; print(sorted(m for m in sys.modules if m == 'torch'))"
+    code = (
+        "import sys, atomic_io, sample_data, sample_data.atomic; print(sorted(m for m in sys.modules if m == 'torch'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

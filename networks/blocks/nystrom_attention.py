@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .token_attention import TokenAttention
 
-__all__ = ["NystromAttention", "segment_means", "iterative_pinv", "nystrom_attention"]
+__all__ = ["NystromAttention", "iterative_pinv", "nystrom_attention", "segment_means"]
 
 
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:

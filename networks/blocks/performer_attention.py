@@ -15,11 +15,11 @@ from .token_attention import TokenAttention
 
 __all__ = [
     "PerformerAttention",
-    "orthogonal_random_features",
-    "softmax_kernel_features",
-    "relu_kernel_features",
-    "linear_attention",
     "favor_attention",
+    "linear_attention",
+    "orthogonal_random_features",
+    "relu_kernel_features",
+    "softmax_kernel_features",
 ]
 
 SOFTMAX_KERNEL_EPS = 1e-4

@@ -14,7 +14,7 @@ from torch import nn
 
 from .token_attention import TokenAttention
 
-__all__ = ["ReAttention", "ReAttentionTransformerBlock", "REATTENTION_NORMS"]
+__all__ = ["REATTENTION_NORMS", "ReAttention", "ReAttentionTransformerBlock"]
 
 REATTENTION_NORMS = ("batch", "layer", None)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["TokenAttention", "QKV_LAYOUTS"]
+__all__ = ["QKV_LAYOUTS", "TokenAttention"]
 
 QKV_LAYOUTS = ("separate", "fused")
 
