@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.atomic_file import atomic_path
+from networks.atomic_file import atomic_open
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_torch_save"]
 
@@ -33,11 +33,11 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to a temporary file in the target directory, then ``os.replace`` it into place.
+    """``torch.save(obj)`` through the project's atomic writer (:mod:`atomic_io`).
 
     Readers therefore see either the old file or the complete new one, never a partial write.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
     return Path(path)
 

@@ -1,41 +1,25 @@
-"""Atomic file writes: write next to the destination (same file system), then ``os.replace``.
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Sample-data files written through the project's atomic writer (:mod:`atomic_io`, standard library only, so
+``sample_data`` still imports no torch).
 
-A reader (or MONAI Label's datastore watcher) therefore sees either the old file or the complete new one.
+A reader (or MONAI Label's datastore watcher) therefore sees either the old file or the complete new one, and files
+get the mode ``open()`` would give them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_image"]
+from atomic_io import atomic_path, atomic_write_bytes, new_dir_mode
 
-# mkstemp creates files readable by the owner only; give the final file the permissions open() would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+__all__ = ["DIR_MODE", "atomic_write_bytes", "atomic_write_image", "atomic_write_json"]
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# the mode os.mkdir would give (folders made by tempfile.mkdtemp are owner-only)
+DIR_MODE = new_dir_mode()
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -49,16 +33,5 @@ def atomic_write_image(image: sitk.Image, path: Path, staging_dir: Path) -> None
     ``staging_dir`` (a hidden folder on the same file system) so that no half-written ``*.nii.gz`` ever appears
     in a folder a datastore scans.
     """
-    path = Path(path)
-    staging_dir = Path(staging_dir)
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="partial-", suffix="-" + path.name, dir=staging_dir)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix="-" + Path(path).name, staging_dir=staging_dir) as tmp:
         sitk.WriteImage(image, tmp, True)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

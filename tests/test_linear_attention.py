@@ -216,3 +216,60 @@ def test_performer_peak_memory_grows_linearly_with_tokens():
     # 4x the tokens: ~4x the memory for linear attention (a quadratic one would need ~16x)
     assert small > 4 * 2**20, small
     assert 3.0 < large / small < 5.0, (small, large)
+
+
+# ------------------------------------------------------------------------------ one token-attention base
+
+
+def test_token_attentions_share_one_base_and_keep_their_parameter_names():
+    """Projections, heads and output live in TokenAttention; the subclasses only define attend(). The parameter
+    names are those of the checkpoints trained before the base existed (bundled HCT and Scopeformer weights)."""
+    from networks.blocks.reattention import ReAttention
+    from networks.blocks.token_attention import TokenAttention
+
+    separate = ["to_q.weight", "to_q.bias", "to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias", "to_out.weight",
+                "to_out.bias"]
+    modules = {
+        PerformerAttention(32, 4): ["projection", *separate],
+        NystromAttention(32, 4, num_landmarks=8): separate,
+        ReAttention(32, 4): ["theta", "qkv.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias",
+                             "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"],
+    }
+    for module, keys in modules.items():
+        assert isinstance(module, TokenAttention)
+        assert list(module.state_dict()) == keys
+        for shared in ("forward", "project_heads", "merge_heads"):
+            assert getattr(type(module), shared) is getattr(TokenAttention, shared), (type(module), shared)
+        assert type(module).attend is not TokenAttention.attend
+    with pytest.raises(NotImplementedError, match="attend"):
+        TokenAttention(8, 2)(torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="qkv_layout"):
+        TokenAttention(8, 2, qkv_layout="packed")
+    with pytest.raises(ValueError, match="divisible"):
+        PerformerAttention(30, 4)
+    with pytest.raises(ValueError, match="expected tokens"):
+        NystromAttention(8, 2)(torch.randn(3, 8))
+
+
+def test_bundled_hct_performer_computes_favor_with_its_own_weights():
+    """The bundled HCT weights load into the Performer layers, which compute FAVOR+ of the projections named in
+    the checkpoint: recomputed here from the raw state-dict tensors with torch's functional ops."""
+    from networks.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(REPO_ROOT / "monailabel_app" / "model" / "hct_cls.pt")  # strict: every key fits
+    layers = [m for m in model.modules() if isinstance(m, PerformerAttention)]
+    assert layers
+    torch.manual_seed(0)
+    for layer in layers:
+        dim = layer.heads * layer.head_dim
+        x = torch.randn(2, 20, dim)
+        state = layer.state_dict()
+
+        def heads(name):
+            t = F.linear(x, state[f"{name}.weight"], state[f"{name}.bias"])
+            return t.reshape(2, 20, layer.heads, layer.head_dim).transpose(1, 2)
+
+        out = favor_attention(heads("to_q"), heads("to_k"), heads("to_v"), state["projection"], layer.kernel)
+        expected = F.linear(out.transpose(1, 2).reshape(2, 20, dim), state["to_out.weight"], state["to_out.bias"])
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)

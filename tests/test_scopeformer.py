@@ -244,3 +244,37 @@ def test_backbone_norm_replaces_every_batchnorm_and_keeps_the_parameter_count():
     model = create_model("scopeformer_tiny", in_channels=1, out_channels=5, backbone_norm=["group", {"num_groups": 4}])
     assert count_parameters(model) == 359_077
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.backbones.modules())
+
+
+def test_bundled_scopeformer_reattention_computes_with_its_own_weights():
+    """The bundled Scopeformer weights load into the re-attention layers (parameter names kept by the shared
+    token-attention base), which compute re-attention of the fused qkv projection: recomputed here from the raw
+    state-dict tensors with torch's functional ops."""
+    from pathlib import Path
+
+    from networks.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "monailabel_app" / "model" / "scopeformer_cls.pt")
+    layers = [m for m in model.modules() if isinstance(m, ReAttention)]
+    assert layers
+    torch.manual_seed(0)
+    for layer in layers:
+        heads, head_dim = layer.heads, layer.head_dim
+        dim = heads * head_dim
+        x = torch.randn(2, 9, dim)
+        state = layer.state_dict()
+        qkv = F.linear(x, state["qkv.weight"], state.get("qkv.bias")).reshape(2, 9, 3, heads, head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        maps = torch.softmax(q @ k.transpose(-2, -1) / head_dim**0.5, dim=-1)
+        if "theta" in state:
+            maps = torch.einsum("bhij,hg->bgij", maps, state["theta"])
+            if layer.norm_kind == "batch":
+                maps = F.batch_norm(maps, state["norm.running_mean"], state["norm.running_var"],
+                                    state["norm.weight"], state["norm.bias"], eps=layer.norm.eps)
+            elif layer.norm_kind == "layer":
+                maps = F.layer_norm(maps.permute(0, 2, 3, 1), (heads,), state["norm.weight"], state["norm.bias"],
+                                    eps=layer.norm.eps).permute(0, 3, 1, 2)
+        out = (maps @ v).transpose(1, 2).reshape(2, 9, dim)
+        expected = F.linear(out, state["proj.weight"], state["proj.bias"])
+        with torch.no_grad():
+            torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-5, atol=1e-6)

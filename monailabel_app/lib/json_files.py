@@ -7,16 +7,14 @@ import json
 import os
 from typing import Any
 
-from networks.atomic_file import atomic_path
+from atomic_io import atomic_write_text
 
 __all__ = ["atomic_write_json", "read_json"]
 
 
 def atomic_write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
+    """Write JSON through the project's atomic writer (:mod:`atomic_io`); values JSON cannot hold become strings."""
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def read_json(path: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from .local_self_attention import (
 from .nystrom_attention import NystromAttention
 from .performer_attention import PerformerAttention
 from .reattention import ReAttention, ReAttentionTransformerBlock
+from .token_attention import TokenAttention
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -24,6 +25,7 @@ __all__ = [
     "PerformerAttention",
     "ReAttention",
     "ReAttentionTransformerBlock",
+    "TokenAttention",
     "LocalSelfAttention",
     "LocalSelfAttentionBlock",
     "local_attention_torch",

@@ -8,10 +8,11 @@ one of the linear attentions compared in HCT (Taha et al., MICCAI 2022).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["NystromAttention", "segment_means", "iterative_pinv", "nystrom_attention"]
+from .token_attention import TokenAttention
+
+__all__ = ["NystromAttention", "iterative_pinv", "nystrom_attention", "segment_means"]
 
 
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -89,8 +90,8 @@ def nystrom_attention(
     return kernel_query @ (iterative_pinv(kernel_landmarks, pinv_iterations) @ landmark_values)
 
 
-class NystromAttention(nn.Module):
-    """Multi-head self-attention approximated with Nystrom landmarks.
+class NystromAttention(TokenAttention):
+    """Multi-head self-attention approximated with Nystrom landmarks (projections and heads: :class:`TokenAttention`).
 
     Args:
         dim: token (embedding) dimension ``C``; must be divisible by ``heads``.
@@ -113,44 +114,17 @@ class NystromAttention(nn.Module):
         dropout: float = 0.0,
         qkv_bias: bool = True,
     ) -> None:
-        super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
+        super().__init__(dim, heads, dropout, qkv_bias, qkv_layout="separate")
         if num_landmarks < 1:
             raise ValueError(f"num_landmarks must be positive, got {num_landmarks}.")
         if pinv_iterations < 1:
             raise ValueError(f"pinv_iterations must be positive, got {pinv_iterations}.")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}.")
-        self.heads = heads
-        self.head_dim = dim // heads
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
-        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_out = nn.Linear(dim, dim)
-        self.drop_output = nn.Dropout(dropout)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: tokens of shape ``(B, N, C)``.
-
-        Returns:
-            attended tokens of shape ``(B, N, C)``.
-        """
-        if x.ndim != 3:
-            raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(x.shape)}.")
-        batch, tokens, channels = x.shape
-        query, key, value = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        out = nystrom_attention(query, key, value, self.num_landmarks, self.pinv_iterations)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        return self.drop_output(self.to_out(out))
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """:func:`nystrom_attention` of the heads: ``(B, heads, N, d)`` each -> ``(B, heads, N, d)``."""
+        return nystrom_attention(query, key, value, self.num_landmarks, self.pinv_iterations)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, num_landmarks={self.num_landmarks}, pinv_iterations={self.pinv_iterations}"

@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+
+from .token_attention import TokenAttention
 
 __all__ = [
     "PerformerAttention",
-    "orthogonal_random_features",
-    "softmax_kernel_features",
-    "relu_kernel_features",
-    "linear_attention",
     "favor_attention",
+    "linear_attention",
+    "orthogonal_random_features",
+    "relu_kernel_features",
+    "softmax_kernel_features",
 ]
 
 SOFTMAX_KERNEL_EPS = 1e-4
@@ -160,8 +161,9 @@ def favor_attention(
     return linear_attention(query_features, key_features, value)
 
 
-class PerformerAttention(nn.Module):
-    """Multi-head self-attention whose softmax is replaced by FAVOR+ random features.
+class PerformerAttention(TokenAttention):
+    """Multi-head self-attention whose softmax is replaced by FAVOR+ random features (projections and heads:
+    :class:`TokenAttention`).
 
     Time and memory grow linearly with the token count ``N``. The random projection is a buffer (saved
     with the state dict, never trained); call :meth:`redraw_projection` to resample it, e.g. periodically
@@ -192,15 +194,9 @@ class PerformerAttention(nn.Module):
         qkv_bias: bool = True,
         scaling: str = "fixed",
     ) -> None:
-        super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
+        super().__init__(dim, heads, dropout, qkv_bias, qkv_layout="separate")
         if kernel not in ("softmax", "relu"):
             raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}.")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}.")
-        self.heads = heads
-        self.head_dim = dim // heads
         if num_features is None:
             num_features = int(self.head_dim * math.log(self.head_dim))
             if num_features < 1:
@@ -213,12 +209,6 @@ class PerformerAttention(nn.Module):
         self.num_features = num_features
         self.kernel = kernel
         self.scaling = scaling
-
-        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_out = nn.Linear(dim, dim)
-        self.drop_output = nn.Dropout(dropout)
         self.register_buffer("projection", orthogonal_random_features(num_features, self.head_dim, scaling))
 
     @torch.no_grad()
@@ -227,26 +217,11 @@ class PerformerAttention(nn.Module):
         fresh = orthogonal_random_features(self.num_features, self.head_dim, self.scaling, generator=generator)
         self.projection.copy_(fresh)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: tokens of shape ``(B, N, C)``.
-
-        Returns:
-            attended tokens of shape ``(B, N, C)``.
-        """
-        if x.ndim != 3:
-            raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(x.shape)}.")
-        batch, tokens, channels = x.shape
-        query, key, value = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """:func:`favor_attention` of the heads: ``(B, heads, N, d)`` each -> ``(B, heads, N, d)``."""
         # the exponentials of the softmax kernel overflow in half precision
         out = favor_attention(query.float(), key.float(), value.float(), self.projection, self.kernel)
-        out = out.to(x.dtype).transpose(1, 2).reshape(batch, tokens, channels)
-        return self.drop_output(self.to_out(out))
+        return out.to(query.dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, kernel={self.kernel!r}, num_features={self.num_features}, scaling={self.scaling!r}"

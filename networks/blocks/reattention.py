@@ -12,13 +12,16 @@ import torch
 from monai.networks.blocks import MLPBlock
 from torch import nn
 
-__all__ = ["ReAttention", "ReAttentionTransformerBlock", "REATTENTION_NORMS"]
+from .token_attention import TokenAttention
+
+__all__ = ["REATTENTION_NORMS", "ReAttention", "ReAttentionTransformerBlock"]
 
 REATTENTION_NORMS = ("batch", "layer", None)
 
 
-class ReAttention(nn.Module):
-    """Multi-head self-attention with DeepViT re-attention.
+class ReAttention(TokenAttention):
+    """Multi-head self-attention with DeepViT re-attention (projections and heads: :class:`TokenAttention`, fused
+    ``qkv``/``proj`` layout).
 
     ``A_h = softmax(Q_h K_h^T / sqrt(d))``; ``A'_g = Norm(sum_h Theta[h, g] A_h)``; ``out = proj(concat_g A'_g V_g)``.
     ``Theta`` starts as the identity. ``norm="batch"`` normalises each mixed head map with a BatchNorm over the
@@ -46,21 +49,12 @@ class ReAttention(nn.Module):
         reattention: bool = True,
         norm: str | None = "batch",
     ) -> None:
-        super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
+        super().__init__(dim, heads, dropout, qkv_bias, qkv_layout="fused")
         if norm not in REATTENTION_NORMS:
             raise ValueError(f"norm must be one of {REATTENTION_NORMS}, got {norm!r}.")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}.")
-        self.heads = heads
-        self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
         self.reattention = reattention
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         self.drop_weights = nn.Dropout(dropout)
-        self.drop_output = nn.Dropout(dropout)
         self.theta: nn.Parameter | None = nn.Parameter(torch.eye(heads)) if reattention else None
         self.norm: nn.Module | None = None
         self.norm_kind = norm if reattention else None
@@ -68,6 +62,25 @@ class ReAttention(nn.Module):
             self.norm = nn.BatchNorm2d(heads)
         elif self.norm_kind == "layer":
             self.norm = nn.LayerNorm(heads)
+
+    def mixed_maps(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The heads' softmax maps, mixed by ``Theta`` and normalised (plain softmax maps without re-attention).
+
+        Args:
+            query: shape ``(B, heads, N, d)``.
+            key: shape ``(B, heads, N, d)``.
+
+        Returns:
+            maps of shape ``(B, heads, N, N)`` (before dropout).
+        """
+        maps = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
+        if self.theta is not None:
+            maps = torch.einsum("bhij,hg->bgij", maps, self.theta)
+            if self.norm_kind == "batch":
+                maps = self.norm(maps)
+            elif self.norm_kind == "layer":
+                maps = self.norm(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return maps
 
     def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the (re-)attention maps and the values.
@@ -78,32 +91,12 @@ class ReAttention(nn.Module):
         Returns:
             maps of shape ``(B, heads, N, N)`` (before dropout) and values of shape ``(B, heads, N, d)``.
         """
-        if x.ndim != 3:
-            raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(x.shape)}.")
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv[0], qkv[1], qkv[2]
-        maps = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
-        if self.theta is not None:
-            maps = torch.einsum("bhij,hg->bgij", maps, self.theta)
-            if self.norm_kind == "batch":
-                maps = self.norm(maps)
-            elif self.norm_kind == "layer":
-                maps = self.norm(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return maps, value
+        query, key, value = self.project_heads(x)
+        return self.mixed_maps(query, key), value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: tokens of shape ``(B, N, C)``.
-
-        Returns:
-            shape ``(B, N, C)``.
-        """
-        maps, value = self.attention_maps(x)
-        out = torch.matmul(self.drop_weights(maps), value)  # (B, heads, N, d)
-        out = out.transpose(1, 2).reshape(x.shape)
-        return self.drop_output(self.proj(out))
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Re-attention of the heads: ``(B, heads, N, d)`` each -> ``(B, heads, N, d)``."""
+        return torch.matmul(self.drop_weights(self.mixed_maps(query, key)), value)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, reattention={self.reattention}, norm={self.norm_kind!r}"
