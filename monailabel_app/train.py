@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
         }
         request.update({k: v for k, v in launch.items() if v is not None})
+        from monailabel_app.lib.trainers.distributed import LaunchSettings
+
+        try:  # a wrong rendezvous setting fails here, before the app and any rank start
+            LaunchSettings(**{k: v for k, v in launch.items() if v is not None}).validated()
+        except (TypeError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     else:
         _stop_on_sigterm()
     try:

@@ -344,10 +344,12 @@ def explain_failure(returncode: int, output: Sequence[str], settings: LaunchSett
         )
     rendezvous = _RDZV.search(text)
     if rendezvous:
+        error, detail = rendezvous.group(1), rendezvous.group(2).strip()
+        detail = "" if not detail or detail.endswith(error) else f": {detail[:300]}"
         return (
             f"distributed training failed: the ranks could not meet at rdzv_endpoint {settings.rdzv_endpoint} "
             f"(nnodes {settings.nnodes}, rdzv_id {settings.rdzv_id}, join_timeout {settings.join_timeout:g} s): "
-            f"{rendezvous.group(1)}: {rendezvous.group(2).strip()[:300]}. Check that every machine runs the same "
+            f"{error}{detail}. Check that every machine runs the same "
             "command with the same nnodes, rdzv_endpoint (an address of the first machine they can all reach) and "
             "rdzv_id; nothing was published."
         )
