@@ -10,8 +10,10 @@ settings and the data, then starts ``torchrun`` (:func:`~.distributed.run_torchr
   validation images too (metrics are gathered over the ranks by MONAI's metric handlers);
 - the network is wrapped in ``DistributedDataParallel``: every step all-reduces (averages) the gradients, so the
   global batch is ``workers x nnodes x train_batch_size`` volumes;
-- at the end every rank's weight digest is compared and rank 0 alone re-quantises and publishes (see the task's
-  ``train``).
+- at the end every rank's weight digest is compared and one rank alone re-quantises and publishes (see the
+  task's ``train``): the lowest rank on the first machine (:func:`~.distributed.lead_rank`; rank 0 on one machine).
+  MONAI Label's rank-0-only handlers (statistics, checkpoints) run on that rank: it is given rank 0 in the task's
+  context, the others keep their own numbers (rank 0 takes the lead's).
 
 MONAI Label's own ``multi_gpu`` path spawns one process per CUDA device and uses NCCL: it never starts on a CPU
 server, so it stays off (``multi_gpu: False``).
@@ -36,6 +38,8 @@ from monailabel_app.lib.trainers.distributed import (
     LaunchSettings,
     RankInfo,
     init_rank,
+    is_first_machine,
+    lead_rank,
     parameter_digest,
     rank_from_env,
     rank_share,
@@ -61,6 +65,7 @@ class DataParallelTrain:
     app_dir: str | None = None
     app_conf: dict[str, Any] | None = None
     _rank_info: RankInfo | None = None
+    _lead_rank: int = 0
 
     # ----- launcher side -----
     @staticmethod
@@ -118,6 +123,8 @@ class DataParallelTrain:
         except DistributedTrainingError as err:
             self._write_failed(str(err), settings)
             raise
+        if not is_first_machine(settings):
+            return {"status": "DONE", "note": "the first machine (rdzv_endpoint's host) published the weights"}
         stats = self.stats()
         if stats.get("status") != "PUBLISHED":
             message = f"distributed training ended without publishing (train stats status {stats.get('status')!r})."
@@ -140,10 +147,21 @@ class DataParallelTrain:
     def join_ranks(self) -> RankInfo | None:
         """Inside ``torchrun``: join the process group (gloo) and set this rank's threads; ``None`` otherwise."""
         info = rank_from_env()
+        self._lead_rank = 0
         if info is not None:
             init_rank(info)
+            self._lead_rank = lead_rank(info)
         self._rank_info = info
         return info
+
+    def role_rank(self) -> int:
+        """The rank number this process plays in MONAI Label's task (0: the lead, which reports and publishes)."""
+        info = self._rank_info
+        if info is None:
+            return 0
+        if info.rank == self._lead_rank:
+            return 0
+        return self._lead_rank if info.rank == 0 else info.rank
 
     def leave_ranks(self) -> None:
         if self._rank_info is not None and torch.distributed.is_initialized():
@@ -195,6 +213,7 @@ class DataParallelTrain:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "threads": torch.get_num_threads(),
+            "publishes": info.rank == self._lead_rank,
             "train_images": [image_id_of(d["image"]) for d in share],
         }
         gathered: list[Any] = [None] * info.world_size

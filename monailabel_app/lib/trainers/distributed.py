@@ -41,6 +41,8 @@ __all__ = [
     "available_cores",
     "threads_per_rank",
     "init_rank",
+    "is_first_machine",
+    "lead_rank",
     "rank_share",
     "parameter_digest",
     "torchrun_command",
@@ -124,6 +126,22 @@ def init_rank(info: RankInfo, timeout_s: float = 1800.0) -> int:
         f"{threads} torch thread(s) on {available_cores()} core(s)"
     )
     return threads
+
+
+def is_first_machine(settings: LaunchSettings) -> bool:
+    """Whether this machine hosts the rendezvous (``rdzv_endpoint`` is one of its addresses)."""
+    host, _ = _parse_endpoint(str(settings.rdzv_endpoint))
+    return _is_local_address(host)
+
+
+def lead_rank(info: RankInfo) -> int:
+    """The rank that reports progress and publishes (a collective): the lowest rank on the first machine (the one
+    whose launcher was given ``rdzv_endpoint`` as its own address: where the server that asked for the run is), else
+    rank 0. ``torchrun`` numbers machines by host name, so rank 0 may be on another machine."""
+    first = os.environ.get("MEDATTN_FIRST_MACHINE") == "1"
+    flags: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(flags, first)
+    return min((r for r, f in enumerate(flags) if f), default=0)
 
 
 def rank_share(items: Sequence[Any], rank: int, world_size: int, even: bool) -> list[Any]:
@@ -368,7 +386,8 @@ def run_torchrun(
     """Run ``torchrun`` (:func:`torchrun_command`) to completion, echoing its output line by line.
 
     Every rank gets ``MEDATTN_THREADS_PER_RANK`` (``settings.threads`` or cores // ``workers``) and
-    ``OMP_NUM_THREADS`` to match.
+    ``OMP_NUM_THREADS`` to match, and ``MEDATTN_FIRST_MACHINE`` (1 when this machine hosts the rendezvous: its
+    ranks publish, see :func:`lead_rank`).
 
     Raises:
         DistributedTrainingError: ``torchrun`` failed (:func:`explain_failure`).
@@ -377,7 +396,12 @@ def run_torchrun(
     threads = settings.threads or threads_per_rank(settings.workers)
     environment = dict(os.environ if env is None else env)
     environment.update(
-        {"MEDATTN_THREADS_PER_RANK": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        {
+            "MEDATTN_THREADS_PER_RANK": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            "MEDATTN_FIRST_MACHINE": "1" if is_first_machine(settings) else "0",
+            "PYTHONUNBUFFERED": "1",
+        }
     )
     repo_root = str(Path(__file__).resolve().parents[3])
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, environment.get("PYTHONPATH", "")) if p)

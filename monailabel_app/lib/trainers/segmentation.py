@@ -347,15 +347,17 @@ class SegmentationTrain(DataParallelTrain, BasicTrainTask):
         }
 
     def train(self, rank, world_size, request, datalist):
-        """One run (in this process, or as one ``torchrun`` rank): train, then, on rank 0 only, re-quantise and
-        publish. Ranks draw their augmentations from ``seed + rank``; DDP starts them all from rank 0's weights."""
+        """One run (in this process, or as one ``torchrun`` rank): train, then, on the lead rank only (rank 0 on one
+        machine), re-quantise and publish. Ranks draw their augmentations from ``seed + rank``; DDP starts them all
+        from rank 0's weights."""
         request = dict(request)
         request["name"] = f"{self.spec.family}_run"
         request["multi_gpu"] = False  # MONAI Label's CUDA/NCCL path; CPU ranks come from torchrun (join_ranks)
         ranks = self.join_ranks()
         try:
             if ranks is not None:
-                rank, world_size = ranks.rank, ranks.world_size
+                # the lead rank (publishes) plays MONAI Label's rank 0; data shares follow the real ranks
+                rank, world_size = self.role_rank(), ranks.world_size
                 self.check_same_datalist(datalist)
             seed = int(request.get("seed", 0))
             torch.manual_seed(seed + rank)
