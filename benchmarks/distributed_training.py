@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"train {run['train_s']:.1f} s ({run['slices_per_s']:.2f} slices/s), wall {run['wall_s']:.1f} s",
                     flush=True,
                 )
-    median = {w: {k: statistics.median(r[k] for r in rs) for k in ("train_s", "slices_per_s", "wall_s")} for w, rs in runs.items()}
+    keys = ("train_s", "slices_per_s", "wall_s")
+    median = {w: {k: statistics.median(r[k] for r in rs) for k in keys} for w, rs in runs.items()}
     grad_bytes = gradient_bytes(args.family)
     summary = {
         "family": args.family,

@@ -29,7 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 IMAGES = ("example_ct_sm", "example_mr_sm")
 BUNDLED = REPO_ROOT / "monailabel_app" / "model"
-FEW_STEPS = ["--set", "num_samples=2", "--set", "train_batch_size=1", "--set", "val_split=0", "--set", "calibration_slices=8"]
+FEW_STEPS = ["--set", "num_samples=2", "--set", "train_batch_size=1", "--set", "val_split=0",
+             "--set", "calibration_slices=8"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

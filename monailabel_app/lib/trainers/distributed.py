@@ -228,7 +228,9 @@ class LaunchSettings:
         """
         workers = _positive_int(self.workers, "workers", "ranks (processes) on this machine")
         nnodes = _positive_int(self.nnodes, "nnodes", "machines taking part")
-        threads = None if self.threads in (None, "") else _positive_int(self.threads, "threads", "torch threads per rank")
+        threads = None
+        if self.threads not in (None, ""):
+            threads = _positive_int(self.threads, "threads", "torch threads per rank")
         try:
             join_timeout = float(self.join_timeout)
         except (TypeError, ValueError):
