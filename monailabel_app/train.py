@@ -164,12 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         task(request, datastore)
-    except AppError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if err.status_code in (400, 422) else 1
-    except DistributedTrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (AppError, DistributedTrainingError) as err:
+        # a rank names the error's type: the launcher quotes the line in its own message (explain_failure)
+        print(f"error: {type(err).__name__ + ': ' if rank else ''}{err}", file=sys.stderr)
+        return 2 if isinstance(err, AppError) and err.status_code in (400, 422) else 1
     if rank is not None and rank.rank != 0:
         return 0
     stats = task.stats()

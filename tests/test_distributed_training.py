@@ -266,3 +266,33 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: P
     assert sorted(sum((r["train_images"] for r in ranks), [])) == sorted(IMAGES)
     assert [r["publishes"] for r in sorted(ranks, key=lambda r: r["rank"])] == [True, False]
     assert stats["replica_digests"][0] == stats["replica_digests"][1]
+
+
+@pytest.mark.slow
+def test_machines_with_different_datastores_fail_at_the_start(studies: Path, tmp_path: Path):
+    """Ranks split the images by position: two machines whose datastores differ would overlap and miss images, so
+    the run stops right after the rendezvous, naming the ranks that differ, and publishes nothing."""
+    other = copy_sample_datastore(tmp_path / "other_studies", images=IMAGES[:1])
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"), "--set", "max_epochs=1",
+              *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "differ",
+              "--join-timeout", "120"]  # fmt: skip
+    machines = [
+        subprocess.Popen(
+            _train_cli("--studies", str(folder), *common),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        )  # fmt: skip
+        for folder in (studies, other)
+    ]
+    try:
+        outputs = [m.communicate(timeout=600) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    for m, (out, err) in zip(machines, outputs):
+        assert m.returncode == 1, out[-2000:] + err[-2000:]
+        message = err.strip().splitlines()[-1]
+        assert "exited with code 1" in message and "see different labelled images than rank 0" in message, message
+        assert "every machine needs the same datastore" in message
+    assert not (tmp_path / "models" / "sadnn_seg.pt").exists()

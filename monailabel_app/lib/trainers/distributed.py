@@ -334,7 +334,7 @@ _FAILURE = re.compile(
     r"\s*exitcode\s*:\s*(?P<code>-?\d+)"
 )
 _RDZV = re.compile(r"(Rendezvous\w*(?:Error|Exception|Timeout)\w*|DistStoreError)[:\s]+(.*)")
-_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:)?\s*((?:\w+\.)*\w+(?:Error|Exception)): (.+)$")
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:)?\s*(?:error: )?((?:\w+\.)*\w+(?:Error|Exception)): (.+)$")
 
 
 def explain_failure(returncode: int, output: Sequence[str], settings: LaunchSettings) -> str:
