@@ -132,7 +132,7 @@ class ClassificationTrain(SegmentationTrain):
 
     def finalize(self, context: Context):
         super().finalize(context)
-        if context.progress is not None:  # rank 0
+        if context.progress is not None:  # the lead rank
             context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
 
     def task_metadata(self) -> dict[str, Any]:

@@ -327,7 +327,7 @@ class SegmentationTrain(DataParallelTrain, BasicTrainTask):
         self._context = context
         context.progress = None
         distributed = self.gather_rank_roles(context)  # every rank takes part
-        if context.local_rank != 0:  # (the global rank) rank 0 alone reports progress
+        if context.local_rank != 0:  # the lead rank (MONAI Label's rank 0 here) alone reports progress
             return
         metric = self.VAL_METRIC_MEAN_DICE if context.evaluator else self.TRAIN_METRIC_MEAN_DICE
         context.progress = TrainProgress(
@@ -368,7 +368,7 @@ class SegmentationTrain(DataParallelTrain, BasicTrainTask):
             if rank == 0:
                 shutil.rmtree(run_dir, ignore_errors=True)
             if ranks is not None:
-                torch.distributed.barrier()  # nobody writes into the run folder before rank 0 has emptied it
+                torch.distributed.barrier()  # nobody writes into the run folder before the lead has emptied it
             stats = super().train(rank, world_size, request, datalist)
             context = self._context
             digests = self.check_replicas(context.network)
