@@ -238,6 +238,28 @@ def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.Temp
         assert r.status_code == 200, r.text
         assert r.json()["model_version"]["sha256"] == stats["published"]["int8"]["sha256"]
 
+        # DELETE /train stops every rank of a running distributed run; nothing is published
+        published = {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")}
+        assert server.post("/train/sadnn_cls", json={**request, "max_epochs": 1000}).status_code == 200
+        deadline, ranks = time.time() + 300, None
+        while time.time() < deadline and ranks is None:
+            stats = server.get("/info/").json()["train_stats"]["sadnn_cls"]
+            if stats.get("status") == "RUNNING" and (stats.get("epoch") or 0) >= 1 and stats.get("distributed"):
+                ranks = stats["distributed"]["ranks"]
+            time.sleep(0.5)
+        assert ranks is not None, server.log_tail()
+        assert server.delete("/train/").json()["status"] == "STOPPED"
+        import psutil
+
+        gone_by = time.time() + 30
+        while time.time() < gone_by and any(psutil.pid_exists(r["pid"]) for r in ranks):
+            time.sleep(0.5)
+        alive = [r["pid"] for r in ranks if psutil.pid_exists(r["pid"])]
+        alive = [pid for pid in alive if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert alive == []
+        assert server.get("/info/").json()["train_stats"]["sadnn_cls"]["status"] == "STOPPED"
+        assert {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")} == published
+
 
 @pytest.mark.slow
 def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: Path):
