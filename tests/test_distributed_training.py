@@ -53,6 +53,15 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=str(REPO_ROOT))
 
 
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _seed_published(model_dir: Path) -> dict[str, bytes]:
     """Publish the bundled SaDNN-seg pair into ``model_dir`` (what a server would serve) and return its bytes."""
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -249,14 +258,10 @@ def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.Temp
             time.sleep(0.5)
         assert ranks is not None, server.log_tail()
         assert server.delete("/train/").json()["status"] == "STOPPED"
-        import psutil
-
         gone_by = time.time() + 30
-        while time.time() < gone_by and any(psutil.pid_exists(r["pid"]) for r in ranks):
+        while time.time() < gone_by and any(_running(r["pid"]) for r in ranks):
             time.sleep(0.5)
-        alive = [r["pid"] for r in ranks if psutil.pid_exists(r["pid"])]
-        alive = [pid for pid in alive if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-        assert alive == []
+        assert [r["pid"] for r in ranks if _running(r["pid"])] == []
         assert server.get("/info/").json()["train_stats"]["sadnn_cls"]["status"] == "STOPPED"
         assert {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")} == published
 
