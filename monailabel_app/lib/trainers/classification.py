@@ -132,7 +132,8 @@ class ClassificationTrain(SegmentationTrain):
 
     def finalize(self, context: Context):
         super().finalize(context)
-        context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
+        if context.progress is not None:  # the lead rank
+            context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
 
     def task_metadata(self) -> dict[str, Any]:
         return {

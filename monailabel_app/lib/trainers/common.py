@@ -48,8 +48,10 @@ class TrainProgress:
     ``iteration`` (in the epoch), ``epoch_length``, ``loss``, ``best_metric`` (validation metric, Dice for
     segmentation and F1 = Dice of the presence decisions for classification), ``best_metric_epoch``,
     ``metric_name``, ``train_metric``, ``elapsed_s``, what the run uses (``train_images``, ``val_images``,
-    ``excluded_images`` ``{id: why}``, ``metric_note``: what the validation metric is computed on) and, once
-    published, ``published``.
+    ``excluded_images`` ``{id: why}``, ``metric_note``: what the validation metric is computed on), after the
+    training loop ``train_seconds`` (the loop alone) and ``iterations``, and, once published, ``published``. A
+    data-parallel run adds ``distributed`` (``world_size``, ``backend``, ``ranks``: each rank's ``rank``, ``host``,
+    ``pid``, ``threads``, ``train_images``) and ``replica_digests`` (every rank's parameter digest, all equal).
     """
 
     def __init__(self, stats_path: str, task: str, run_id: str, total_epochs: int, metric_name: str) -> None:

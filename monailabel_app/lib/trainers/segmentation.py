@@ -35,6 +35,7 @@ from monailabel_app.lib.image_io import read_header
 from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
 from monailabel_app.lib.preprocess import Preprocessing
 from monailabel_app.lib.trainers.common import TrainProgress, calibration_slices, initial_network, publish_trained
+from monailabel_app.lib.trainers.data_parallel import DataParallelTrain
 from monailabel_app.lib.trainers.datalist import image_id_of, read_training_roles, split_datalist
 
 __all__ = ["SegmentationTrain", "intensity_augmentation"]
@@ -55,7 +56,7 @@ def intensity_augmentation(prep: Preprocessing, key: str = "image") -> list:
     ]
 
 
-class SegmentationTrain(BasicTrainTask):
+class SegmentationTrain(DataParallelTrain, BasicTrainTask):
     """Train a segmentation family on the datastore's ``final`` labels.
 
     Request parameters (``POST /train/<family>``): ``max_epochs`` (default 10), ``train_batch_size`` (volumes per
@@ -65,6 +66,11 @@ class SegmentationTrain(BasicTrainTask):
     ``DiceLoss``, default; ``"dicece"``: ``DiceCELoss``, Dice + cross-entropy, which trains SaDNN from scratch far
     more reliably), ``query_init_scale`` (multiplies the query projections of a network started from random weights,
     default 0.1; see :func:`networks.blocks.scale_query_init`).
+
+    Data-parallel training (:mod:`.data_parallel`): ``workers`` (ranks on this machine, default 1), ``nnodes``
+    (machines, default 1), ``rdzv_endpoint`` (``HOST:PORT`` of the first machine; default 127.0.0.1 and a free
+    port), ``rdzv_id``, ``join_timeout`` (seconds, default 300), ``threads`` (torch threads per rank, default cores //
+    workers). ``train_batch_size`` is per rank.
 
     Args:
         spec: the family.
@@ -152,7 +158,8 @@ class SegmentationTrain(BasicTrainTask):
             datalist.append(item)
         if not datalist:
             raise ConflictError("no labelled 3D image (labels/final) in the datastore to train on.")
-        return datalist
+        # the same order on every rank and machine: the ranks' shares are taken from it
+        return sorted(datalist, key=lambda d: image_id_of(d["image"]))
 
     def _prep(self, context: Context) -> Preprocessing:
         if not hasattr(context, "prep"):
@@ -248,7 +255,7 @@ class SegmentationTrain(BasicTrainTask):
 
     def lr_scheduler_handler(self, context: Context):
         # cosine decay to 1/10 of the learning rate over the run, stepped every iteration
-        steps_per_epoch = max(1, -(-len(context.train_datalist) // max(1, int(context.train_batch_size))))
+        steps_per_epoch = max(1, -(-self.rank_train_count(context) // max(1, int(context.train_batch_size))))
         total = max(1, int(context.max_epochs) * steps_per_epoch)
         lr = float(context.request.get("learning_rate", 1e-3))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=total, eta_min=lr / 10)
@@ -319,12 +326,16 @@ class SegmentationTrain(BasicTrainTask):
     # ----- run -----
     def finalize(self, context: Context):
         self._context = context
+        context.progress = None
+        distributed = self.gather_rank_roles(context)  # every rank takes part
+        if context.local_rank != 0:  # the lead rank (MONAI Label's rank 0 here) alone reports progress
+            return
         metric = self.VAL_METRIC_MEAN_DICE if context.evaluator else self.TRAIN_METRIC_MEAN_DICE
         context.progress = TrainProgress(
             self.stats_path, self.spec.family, context.run_id, context.max_epochs, metric
         )
         context.progress.attach(context.trainer, context.evaluator)
-        context.progress.write(**self._data_roles(context))
+        context.progress.write(**self._data_roles(context), distributed=distributed)
 
     @staticmethod
     def _data_roles(context: Context) -> dict[str, Any]:
@@ -337,19 +348,43 @@ class SegmentationTrain(BasicTrainTask):
         }
 
     def train(self, rank, world_size, request, datalist):
+        """One run (in this process, or as one ``torchrun`` rank): train, then, on the lead rank only (rank 0 on one
+        machine), re-quantise and publish. Ranks draw their augmentations from ``seed + rank``; DDP starts them all
+        from rank 0's weights."""
         request = dict(request)
         request["name"] = f"{self.spec.family}_run"
-        seed = int(request.get("seed", 0))
-        torch.manual_seed(seed)
-        from monai.utils import set_determinism
+        request["multi_gpu"] = False  # MONAI Label's CUDA/NCCL path; CPU ranks come from torchrun (join_ranks)
+        ranks = self.join_ranks()
+        try:
+            if ranks is not None:
+                # the lead rank (publishes) plays MONAI Label's rank 0; data shares follow the real ranks
+                rank, world_size = self.role_rank(), ranks.world_size
+                self.check_same_datalist(datalist)
+            seed = int(request.get("seed", 0))
+            torch.manual_seed(seed + rank)
+            from monai.utils import set_determinism
 
-        set_determinism(seed=seed)
-        run_dir = os.path.join(self._model_dir, request["name"])
-        shutil.rmtree(run_dir, ignore_errors=True)
-        stats = super().train(rank, world_size, request, datalist)
-        context = self._context
+            set_determinism(seed=seed + rank)
+            run_dir = os.path.join(self._model_dir, request["name"])
+            if rank == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if ranks is not None:
+                torch.distributed.barrier()  # nobody writes into the run folder before the lead has emptied it
+            stats = super().train(rank, world_size, request, datalist)
+            context = self._context
+            digests = self.check_replicas(context.network)
+            if rank != 0:
+                return stats
+        finally:
+            self.leave_ranks()
         progress: TrainProgress = context.progress
         try:
+            # time in the training loop alone (no start-up, caching or quantisation): benchmarks compare it
+            progress.write(
+                train_seconds=round(float(context.trainer.state.times.get("COMPLETED") or 0.0), 3),
+                iterations=context.trainer.state.iteration,
+                replica_digests=digests,
+            )
             progress.write(status="QUANTIZING")
             published = self.publish(context, datalist, stats)
         except BaseException as err:
@@ -360,7 +395,7 @@ class SegmentationTrain(BasicTrainTask):
         return stats
 
     def publish(self, context: Context, datalist, stats: dict[str, Any]) -> dict[str, Any]:
-        network = context.network
+        network = getattr(context.network, "module", context.network)  # a DDP replica: its module
         best = os.path.join(context.output_dir, self._key_metric_filename)
         if context.evaluator is not None and os.path.exists(best):
             # the weights of the best validation epoch (CheckpointSaver's key-metric file)
@@ -390,6 +425,7 @@ class SegmentationTrain(BasicTrainTask):
                 "excluded_images": dict(getattr(context, "excluded_images", {}) or {}),
                 "metric_note": getattr(context, "metric_note", None),
                 "started_from": start_meta.get("trained", {}).get("run_id", "bundled" if start_meta else "random"),
+                "world_size": max(1, int(context.world_size or 1)),  # ranks that trained it (DDP)
             },
             "calibration": {"slices": sum(len(b) for b in calibration), "images": [os.path.basename(p) for p in used]},
         }

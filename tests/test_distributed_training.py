@@ -1,0 +1,325 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
+"""Data-parallel training on CPU with the real ``torchrun`` launcher on 127.0.0.1 (issue 14, items 1 and 4).
+
+Two ranks of one thread each train on a two-image copy of the sample datastore (each rank its own image), for a few
+steps: rank 0 publishes FP32 + INT8, which load and segment; both ranks end with the same weights, which are the
+published ones; a rank killed mid-run fails the run with a message naming it and leaves the published checkpoint
+as it was; wrong rendezvous settings fail at once, naming the setting; and ``POST /train`` with ``workers: 2`` does
+the same through a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monailabel_app.lib.trainers.distributed import LaunchSettings, parameter_digest, rank_share, threads_per_rank
+from tests.server_fixture import copy_sample_datastore, free_port, start_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+IMAGES = ("example_ct_sm", "example_mr_sm")
+BUNDLED = REPO_ROOT / "monailabel_app" / "model"
+FEW_STEPS = ["--set", "num_samples=2", "--set", "train_batch_size=1", "--set", "val_split=0",
+             "--set", "calibration_slices=8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_sample_datastore(tmp_path_factory.mktemp("ddp_studies"), images=IMAGES)
+
+
+def _train_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "monailabel_app.train", *args]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=str(REPO_ROOT))
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _seed_published(model_dir: Path) -> dict[str, bytes]:
+    """Publish the bundled SaDNN-seg pair into ``model_dir`` (what a server would serve) and return its bytes."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("sadnn_seg.pt", "sadnn_seg_int8.pt"):
+        shutil.copy2(BUNDLED / name, model_dir / name)
+    return {name: (model_dir / name).read_bytes() for name in ("sadnn_seg.pt", "sadnn_seg_int8.pt")}
+
+
+# ------------------------------------------------------------------------------------------------ units
+def test_rank_shares_split_the_images_and_pad_evenly():
+    items = ["a", "b", "c"]
+    assert rank_share(items, 0, 2, even=True) == ["a", "c"]
+    assert rank_share(items, 1, 2, even=True) == ["b", "a"]  # padded: both ranks take two steps
+    assert rank_share(items, 1, 2, even=False) == ["b"]
+    assert rank_share(["a"], 1, 2, even=True) == ["a"]  # fewer images than ranks: every rank gets them all
+    assert threads_per_rank(2, cores=2) == 1 and threads_per_rank(4, cores=2) == 1 and threads_per_rank(2, cores=8) == 4
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(workers=0), "workers"),
+        (dict(workers="two"), "workers"),
+        (dict(workers=2, nnodes=2), "rdzv_endpoint"),  # several machines need the first one's address
+        (dict(workers=2, rdzv_endpoint="127.0.0.1"), "HOST:PORT"),
+        (dict(workers=2, rdzv_endpoint="127.0.0.1:70000"), "outside 1..65535"),
+        (dict(workers=2, nnodes=2, rdzv_endpoint="no-such-host.invalid:29400"), "cannot be resolved"),
+        (dict(workers=2, join_timeout=0), "join_timeout"),
+    ],
+)
+def test_wrong_launch_settings_are_named(settings, named):
+    with pytest.raises(ValueError, match=named):
+        LaunchSettings(**settings).validated()
+
+
+def test_rendezvous_port_in_use_is_named():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} is already in use"):
+            LaunchSettings(workers=2, rdzv_endpoint=f"127.0.0.1:{port}").validated()
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+def test_two_ranks_train_on_different_images_and_publish_identical_weights(studies: Path, tmp_path: Path):
+    model_dir = tmp_path / "models"
+    before = _seed_published(model_dir)
+    out = tmp_path / "stats.json"
+    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
+            "--set", "max_epochs=2", *FEW_STEPS, "--workers", "2", "--output", str(out)]  # fmt: skip
+    result = _run(_train_cli(*args), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stats = json.loads(out.read_text())
+    assert stats["status"] == "PUBLISHED" and stats["epoch"] == 2
+    distributed = stats["distributed"]
+    assert distributed["world_size"] == 2 and distributed["backend"] == "gloo"
+    ranks = sorted(distributed["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] != ranks[1]["pid"]
+    # the datastore split between the ranks: each trained on its own image
+    assert sorted(ranks[0]["train_images"] + ranks[1]["train_images"]) == sorted(IMAGES)
+    assert ranks[0]["train_images"] != ranks[1]["train_images"]
+    assert all(r["threads"] == threads_per_rank(2) for r in ranks)
+
+    # all-reduced gradients: both replicas hold bit-identical weights, and they are the published ones
+    from networks.checkpoint import load_checkpoint
+
+    digests = stats["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    published_fp32, metadata = load_checkpoint(str(model_dir / "sadnn_seg.pt"))
+    assert parameter_digest(published_fp32) == digests[0]
+    bundled, _ = load_checkpoint(str(BUNDLED / "sadnn_seg.pt"))
+    assert parameter_digest(bundled) != digests[0]  # training changed the weights it started from
+    assert metadata["app"]["trained"]["world_size"] == 2
+    assert (model_dir / "sadnn_seg_int8.pt").read_bytes() != before["sadnn_seg_int8.pt"]  # re-quantised
+
+    # the published pair loads the way the server loads it and segments a real slice alike
+    from monailabel_app.lib.model_store import load_network
+    from networks.kernels import load_kernels
+
+    load_kernels()
+    fp32, _ = load_network(str(model_dir / "sadnn_seg.pt"), "fp32")
+    int8, int8_meta = load_network(str(model_dir / "sadnn_seg_int8.pt"), "int8")
+    assert int8_meta["trained"]["run_id"] == metadata["app"]["trained"]["run_id"]
+    import SimpleITK as sitk
+
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(studies / "example_ct_sm.nii.gz"))).astype("float32")
+    ct = torch.from_numpy(volume[volume.shape[0] // 2]).clamp(-160, 240)
+    ct = (ct - ct.min()) / (ct.max() - ct.min())
+    x = torch.nn.functional.interpolate(ct[None, None], size=(256, 256), mode="bilinear")
+    with torch.no_grad():
+        a, b = fp32(x).argmax(1), int8(x).argmax(1)
+    assert a.shape == b.shape == (1, 256, 256)
+    assert (a == b).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_and_leaves_the_published_checkpoint(studies: Path, tmp_path: Path):
+    model_dir = tmp_path / "models"
+    before = _seed_published(model_dir)
+    stats_path = model_dir / "sadnn_seg_train_stats.json"
+    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
+            "--set", "max_epochs=1000", *FEW_STEPS, "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(_train_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline, victim = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:
+            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+            if stats.get("status") == "RUNNING" and (stats.get("epoch") or 0) >= 1 and stats.get("distributed"):
+                victim = next(r for r in stats["distributed"]["ranks"] if r["rank"] == 1)
+                break
+            time.sleep(0.5)
+        assert victim is not None, f"training never started: {proc.poll()}"
+        os.kill(victim["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert "rank 1 of 2" in message and "SIGKILL" in message and "nothing was published" in message, message
+    assert {name: (model_dir / name).read_bytes() for name in before} == before
+    assert not list(model_dir.glob(".*.staged"))
+    stats = json.loads(stats_path.read_text())
+    assert stats["status"] == "FAILED" and "rank 1 of 2" in stats["error"]
+
+
+@pytest.mark.slow
+def test_a_machine_that_never_joins_fails_within_the_join_timeout(studies: Path, tmp_path: Path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"),
+            "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--join-timeout", "3"]  # fmt: skip
+    start = time.time()
+    result = _run(_train_cli(*args), timeout=240)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"rdzv_endpoint {endpoint}" in message and "nnodes 2" in message and "join_timeout 3 s" in message, message
+    assert time.time() - start < 120
+    assert not (tmp_path / "models" / "sadnn_seg.pt").exists()
+
+
+def test_cli_names_a_wrong_setting_before_starting_anything(studies: Path, tmp_path: Path):
+    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"),
+            "--workers", "2", "--rdzv-endpoint", "127.0.0.1:notaport"]  # fmt: skip
+    result = _run(_train_cli(*args), timeout=240)
+    assert result.returncode == 2
+    assert "rdzv_endpoint '127.0.0.1:notaport' must be HOST:PORT" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- server
+@pytest.mark.slow
+def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.TempPathFactory):
+    server_studies = copy_sample_datastore(tmp_path_factory.mktemp("ddp_server_studies"), images=IMAGES)
+    model_dir = tmp_path_factory.mktemp("ddp_server_models")
+    log = tmp_path_factory.mktemp("ddp_server_log") / "server.log"
+    conf = {"models": "sadnn_cls", "model_dir": str(model_dir)}
+    with start_server(server_studies, conf, log_path=log) as server:
+        # a wrong setting: the run fails with the setting named, and nothing is published
+        r = server.post("/train/sadnn_cls", json={"workers": 0, "max_epochs": 1})
+        assert r.status_code == 200, r.text
+        failed = server.wait_for_training()
+        assert failed["status"] == "ERROR"
+        assert any("workers must be at least 1" in line for line in failed["details"]), failed["details"]
+        assert "workers must be at least 1" in server.get("/info/").json()["train_stats"]["sadnn_cls"]["error"]
+
+        request = {"workers": 2, "max_epochs": 1, "num_samples": 2, "train_batch_size": 1, "val_split": 0,
+                   "calibration_slices": 8}  # fmt: skip
+        assert server.post("/train/sadnn_cls", json=request).status_code == 200
+        status = server.wait_for_training()
+        assert status["status"] == "DONE", "\n".join(status.get("details", []))
+        stats = server.get("/info/").json()["train_stats"]["sadnn_cls"]
+        assert stats["status"] == "PUBLISHED" and stats["distributed"]["world_size"] == 2
+        assert stats["replica_digests"][0] == stats["replica_digests"][1]
+        ranks = stats["distributed"]["ranks"]
+        assert sorted(sum((r["train_images"] for r in ranks), [])) == sorted(IMAGES)
+        # the server serves what rank 0 published, without a restart
+        multipart = {"params": (None, json.dumps({"rise_masks": 16}))}
+        r = server.post("/infer/sadnn_cls_int8", params={"image": "example_mr_sm", "output": "json"}, files=multipart)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"]["sha256"] == stats["published"]["int8"]["sha256"]
+
+        # DELETE /train stops every rank of a running distributed run; nothing is published
+        published = {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")}
+        assert server.post("/train/sadnn_cls", json={**request, "max_epochs": 1000}).status_code == 200
+        deadline, ranks = time.time() + 300, None
+        while time.time() < deadline and ranks is None:
+            stats = server.get("/info/").json()["train_stats"]["sadnn_cls"]
+            if stats.get("status") == "RUNNING" and (stats.get("epoch") or 0) >= 1 and stats.get("distributed"):
+                ranks = stats["distributed"]["ranks"]
+            time.sleep(0.5)
+        assert ranks is not None, server.log_tail()
+        assert server.delete("/train/").json()["status"] == "STOPPED"
+        gone_by = time.time() + 30
+        while time.time() < gone_by and any(_running(r["pid"]) for r in ranks):
+            time.sleep(0.5)
+        assert [r["pid"] for r in ranks if _running(r["pid"])] == []
+        assert server.get("/info/").json()["train_stats"]["sadnn_cls"]["status"] == "STOPPED"
+        assert {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")} == published
+
+
+@pytest.mark.slow
+def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: Path):
+    """``--nnodes 2``: two launchers (two torchrun agents, as on two machines; here both on 127.0.0.1) meet at one
+    ``--rdzv-endpoint``, train one rank each and one of them publishes."""
+    model_dir = tmp_path / "models"
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
+            "--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+            "--rdzv-id", "two_machines", "--join-timeout", "120"]  # fmt: skip
+    machines = [
+        subprocess.Popen(_train_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for _ in range(2)
+    ]
+    try:
+        outputs = [m.communicate(timeout=600) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    for m, (out, err) in zip(machines, outputs):
+        assert m.returncode == 0, out[-2000:] + err[-2000:]
+    stats = json.loads((model_dir / "sadnn_seg_train_stats.json").read_text())
+    assert stats["status"] == "PUBLISHED" and stats["distributed"]["world_size"] == 2
+    ranks = stats["distributed"]["ranks"]
+    assert sorted(sum((r["train_images"] for r in ranks), [])) == sorted(IMAGES)
+    assert [r["publishes"] for r in sorted(ranks, key=lambda r: r["rank"])] == [True, False]
+    assert stats["replica_digests"][0] == stats["replica_digests"][1]
+
+
+@pytest.mark.slow
+def test_machines_with_different_datastores_fail_at_the_start(studies: Path, tmp_path: Path):
+    """Ranks split the images by position: two machines whose datastores differ would overlap and miss images, so
+    the run stops right after the rendezvous, naming the ranks that differ, and publishes nothing."""
+    other = copy_sample_datastore(tmp_path / "other_studies", images=IMAGES[:1])
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"), "--set", "max_epochs=1",
+              *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "differ",
+              "--join-timeout", "120"]  # fmt: skip
+    machines = [
+        subprocess.Popen(
+            _train_cli("--studies", str(folder), *common),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        )  # fmt: skip
+        for folder in (studies, other)
+    ]
+    try:
+        outputs = [m.communicate(timeout=600) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    for m, (out, err) in zip(machines, outputs):
+        assert m.returncode == 1, out[-2000:] + err[-2000:]
+        message = err.strip().splitlines()[-1]
+        assert "exited with code 1" in message and "see different labelled images than rank 0" in message, message
+        assert "every machine needs the same datastore" in message
+    assert not (tmp_path / "models" / "sadnn_seg.pt").exists()
