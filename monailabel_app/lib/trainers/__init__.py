@@ -4,7 +4,11 @@ or data-parallel over ``torchrun`` ranks (:mod:`.data_parallel`, :mod:`.distribu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monailabel_app.lib.trainers.classification import ClassificationTrain
+    from monailabel_app.lib.trainers.segmentation import SegmentationTrain
 
 __all__ = ["ClassificationTrain", "SegmentationTrain"]
 

@@ -17,13 +17,11 @@ from monai.transforms import (
     AsDiscreted,
     EnsureTyped,
     RandAffined,
-    RandCropByPosNegLabeld,
-    SqueezeDimd,
 )
 from monailabel.tasks.train.basic_train import Context
 
-from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
-from monailabel_app.lib.trainers.segmentation import SegmentationTrain, intensity_augmentation
+from monailabel_app.lib.trainers.augmentation import foreground_weighted_slices, intensity_augmentation
+from monailabel_app.lib.trainers.base import AppTrainTask
 from monailabel_app.lib.transforms.labels import PresenceTargetd
 
 __all__ = ["ClassificationTrain", "SliceClassificationInferer"]
@@ -49,12 +47,12 @@ class SliceClassificationInferer(Inferer):
         return outputs.reshape(b, depth, -1).permute(0, 2, 1)
 
 
-class ClassificationTrain(SegmentationTrain):
+class ClassificationTrain(AppTrainTask):
     """Train a classifier family (SaDNN-cls, HCT, Scopeformer, PatchConvNet: the network comes from the family's
     :class:`ModelSpec`) on per-slice organ presence; classes are the app's labels (``--conf labels``).
 
-    Request parameters as :class:`~monailabel_app.lib.trainers.segmentation.SegmentationTrain`, with
-    ``pos_ratio`` (default 0.5: half the slices drawn centred on an organ) and ``learning_rate`` (3e-4).
+    Request parameters: those of :class:`~.base.AppTrainTask`, with ``pos_ratio`` (default 0.5: half the slices
+    drawn centred on an organ) and ``learning_rate`` (3e-4).
     """
 
     VAL_METRIC = "val_f1"
@@ -63,12 +61,8 @@ class ClassificationTrain(SegmentationTrain):
     # the bundled classifiers were trained from the default initialisation
     SOFTEN_RANDOM_ATTENTION = False
 
-    def __init__(
-        self, spec: ModelSpec, files: ModelFiles, app_labels: dict[str, int], cache: NetworkCache | None = None
-    ) -> None:
-        super().__init__(spec, files, app_labels, cache)
-        self.description = f"Train {spec.family} on per-slice organ presence from the final labels, then re-quantise"
-        self._config.update({"learning_rate": 3e-4, "pos_ratio": 0.5, "num_samples": 8})
+    DESCRIPTION = "Train {family} on per-slice organ presence from the final labels, then re-quantise"
+    REQUEST_DEFAULTS = {"learning_rate": 3e-4, "pos_ratio": 0.5}
 
     def train_pre_transforms(self, context: Context):
         prep = self._prep(context)
@@ -76,16 +70,7 @@ class ClassificationTrain(SegmentationTrain):
         pos = float(context.request.get("pos_ratio", 0.5))
         t = prep.transforms(3, label_key="label", label_values=list(self.app_labels.values()), accept_dims=(3,))
         return t + [
-            RandCropByPosNegLabeld(
-                keys=keys,
-                label_key="label",
-                spatial_size=(*prep.roi_size, 1),
-                pos=pos,
-                neg=1.0 - pos,
-                num_samples=int(context.request.get("num_samples", 8)),
-                allow_smaller=True,
-            ),
-            SqueezeDimd(keys=keys, dim=-1),
+            *foreground_weighted_slices(prep, keys, pos, int(context.request.get("num_samples", 8))),
             PresenceTargetd(keys="label", num_classes=len(self.app_labels)),
             RandAffined(keys="image", prob=0.5, rotate_range=0.15, scale_range=0.1, padding_mode="zeros"),
             *intensity_augmentation(prep),
@@ -130,10 +115,8 @@ class ClassificationTrain(SegmentationTrain):
             )
         }
 
-    def finalize(self, context: Context):
-        super().finalize(context)
-        if context.progress is not None:  # the lead rank
-            context.progress.write(metric_name=self.VAL_METRIC if context.evaluator else self.TRAIN_METRIC)
+    def key_metric_names(self) -> tuple[str, str]:
+        return self.TRAIN_METRIC, self.VAL_METRIC
 
     def task_metadata(self) -> dict[str, Any]:
         return {
