@@ -49,6 +49,7 @@ from monailabel_app.lib.quality import bundled_quality  # noqa: E402
 from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
 from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
+from monailabel_app.lib.trainers.distributed import train_request_problem  # noqa: E402
 from networks.registry import default_model_order  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -317,6 +318,7 @@ class MedAttnSlicerApp(MONAILabelApp):
         install_request_guard(
             {
                 "train": lambda: set(self._trainers),
+                "train_request": train_request_problem,
                 "scoring": lambda: set(self._scoring_methods),
                 "images": lambda: set(self.datastore().list_images()),
                 "missing_image": lambda image: unknown_image_message(image, self.datastore().list_images()),

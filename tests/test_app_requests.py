@@ -136,6 +136,23 @@ def test_infer_without_image_is_422_naming_the_parameter(server: ServerHandle):
     assert r.status_code == 422 and "'image'" in r.json()["detail"]
 
 
+def test_train_with_settings_that_cannot_work_is_422_naming_them(server: ServerHandle):
+    """Data-parallel settings are checked before MONAI Label starts the run in the background: a 422 naming the
+    setting, the task stays idle, and a correct request afterwards is accepted as before."""
+    name = sorted(server.get("/info/").json()["trainers"])[0]
+    for bad, named in (
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"workers": 2, "rdzv_endpoint": "127.0.0.1"}, "HOST:PORT"),
+        ({"workers": 2, "nnodes": 2}, "needs rdzv_endpoint"),
+    ):
+        r = server.post(f"/train/{name}", json={**bad, "max_epochs": 1})
+        assert r.status_code == 422, r.text
+        assert named in r.json()["detail"]
+    # MONAI Label answers 404 "no training task is running": nothing was started
+    assert server.get("/train/", params={"check_if_running": "true"}).status_code == 404
+    assert server.alive()
+
+
 def test_upload_errors_name_the_users_file(server: ServerHandle):
     not_an_image = b"this is not an image\n"
     cases = [

@@ -223,13 +223,11 @@ def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.Temp
     log = tmp_path_factory.mktemp("ddp_server_log") / "server.log"
     conf = {"models": "sadnn_cls", "model_dir": str(model_dir)}
     with start_server(server_studies, conf, log_path=log) as server:
-        # a wrong setting: the run fails with the setting named, and nothing is published
-        r = server.post("/train/sadnn_cls", json={"workers": 0, "max_epochs": 1})
-        assert r.status_code == 200, r.text
-        failed = server.wait_for_training()
-        assert failed["status"] == "ERROR"
-        assert any("workers must be at least 1" in line for line in failed["details"]), failed["details"]
-        assert "workers must be at least 1" in server.get("/info/").json()["train_stats"]["sadnn_cls"]["error"]
+        # wrong settings: 422 naming the setting, before any process starts; nothing runs or is published
+        for bad, named in ((dict(workers=0), "workers must be at least 1"), (dict(workers=2, rdzv_endpoint="x"), "HOST:PORT")):
+            r = server.post("/train/sadnn_cls", json={**bad, "max_epochs": 1})
+            assert r.status_code == 422 and named in r.json()["detail"], r.text
+        assert not list(model_dir.glob("sadnn_cls*.pt"))
 
         request = {"workers": 2, "max_epochs": 1, "num_samples": 2, "train_batch_size": 1, "val_split": 0,
                    "calibration_slices": 8}  # fmt: skip

@@ -3,7 +3,9 @@
 
 - MONAI Label starts ``POST /train/{model}`` and ``POST /scoring/{method}`` as background subprocesses without
   checking the name first, so an unknown name would return 200 and fail later in the subprocess: the guard answers
-  404 listing the known names. (The app's own methods (infer, next_sample, scoring, train) raise 404s for
+  404 listing the known names; a train request whose data-parallel settings cannot work (``workers``, ``nnodes``,
+  ``rdzv_endpoint``, ...) is answered 422 naming the setting, before any process starts (``known["train_request"]``).
+  (The app's own methods (infer, next_sample, scoring, train) raise 404s for
   everything that runs in the server process.)
 - Error answers MONAI Label's endpoints raise themselves are rewritten to name the user's input: ``POST /infer``
   without ``image`` (MONAI Label: 500 "Neither Image nor File ...") becomes 422 naming the missing parameter;
@@ -83,6 +85,35 @@ def user_file_names(text: str, uploads: dict[str, str]) -> str:
     return _TEMP_NAME.sub(replace, text)
 
 
+async def _read_body(receive) -> bytes:
+    """The whole request body (the train request's JSON is small)."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body") or b"")
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; ``{}`` when it is empty or not an object (MONAI Label answers those itself)."""
+    try:
+        value = json.loads(body.decode("utf-8")) if body.strip() else {}
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the already-read body to the wrapped app, then waits as the server's would."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> dict:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
 class RequestGuard:
     """ASGI wrapper: 404 for ``POST /train/<unknown>`` and ``POST /scoring/<unknown>``, else pass through.
 
@@ -111,6 +142,13 @@ class RequestGuard:
                     detail = f"unknown {what} {match.group('name')!r}; available: {names}"
                     await self._reply(send, 404, {"detail": detail})
                     return
+                if match and kind == "train" and "train_request" in self.known:
+                    body = await _read_body(receive)
+                    problem = self.known["train_request"](_json_object(body))
+                    if problem:
+                        await self._reply(send, 422, {"detail": problem})
+                        return
+                    receive = _replay(body, receive)
         if scope.get("type") != "http":
             await self.inner(scope, receive, send)
             return

@@ -34,11 +34,13 @@ from monailabel_app.lib.errors import BadInputError
 from monailabel_app.lib.json_files import atomic_write_json, read_json
 from monailabel_app.lib.trainers.datalist import image_id_of
 from monailabel_app.lib.trainers.distributed import (
+    LAUNCH_KEYS,
     DistributedTrainingError,
     LaunchSettings,
     RankInfo,
     init_rank,
     is_first_machine,
+    launch_fields,
     lead_rank,
     parameter_digest,
     rank_from_env,
@@ -46,14 +48,11 @@ from monailabel_app.lib.trainers.distributed import (
     run_torchrun,
 )
 
-__all__ = ["DataParallelTrain", "LAUNCH_KEYS"]
+__all__ = ["DataParallelTrain"]
 
 logger = logging.getLogger(__name__)
 
 # request fields that say how many ranks run and where they meet (the launcher's, not the ranks')
-LAUNCH_KEYS = ("workers", "nnodes", "rdzv_endpoint", "rdzv_id", "join_timeout", "threads")
-
-
 class DataParallelTrain:
     """Mixin: data-parallel training over ``torchrun`` ranks for a ``BasicTrainTask`` subclass.
 
@@ -76,7 +75,7 @@ class DataParallelTrain:
         Raises:
             ValueError: a setting that cannot work, named.
         """
-        given = {k: request[k] for k in LAUNCH_KEYS if request.get(k) not in (None, "")}
+        given = launch_fields(request)
         if not given:
             return None
         settings = LaunchSettings(**given).validated()

@@ -34,6 +34,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "LAUNCH_KEYS",
+    "launch_fields",
+    "train_request_problem",
     "DistributedTrainingError",
     "RankInfo",
     "LaunchSettings",
@@ -274,6 +277,28 @@ class LaunchSettings:
             f"--nnodes {self.nnodes} --nproc_per_node {self.workers} --rdzv_endpoint {self.rdzv_endpoint} "
             f"--rdzv_id {self.rdzv_id} (join timeout {self.join_timeout:g} s)"
         )
+
+
+# the train request fields that say how many ranks run and where they meet (:class:`LaunchSettings`)
+LAUNCH_KEYS = ("workers", "nnodes", "rdzv_endpoint", "rdzv_id", "join_timeout", "threads")
+
+
+def launch_fields(request: dict[str, Any]) -> dict[str, Any]:
+    """The request's :data:`LAUNCH_KEYS` that are set."""
+    return {k: request[k] for k in LAUNCH_KEYS if request.get(k) not in (None, "")}
+
+
+def train_request_problem(request: dict[str, Any]) -> str | None:
+    """What is wrong with a train request's data-parallel settings, or ``None``: the server answers 422 with it
+    instead of starting a run that would fail."""
+    given = launch_fields(request)
+    if not given:
+        return None
+    try:
+        LaunchSettings(**given).validated()
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
 
 
 def _positive_int(value: Any, name: str, what: str) -> int:
