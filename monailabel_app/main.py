@@ -49,6 +49,7 @@ from monailabel_app.lib.quality import bundled_quality  # noqa: E402
 from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
 from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
+from monailabel_app.lib.batch.server_task import CpuBatchInferTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ class MedAttnSlicerApp(MONAILabelApp):
             if task is not None:
                 trainers[family] = task
         return trainers
+
+    def init_batch_infer(self) -> CpuBatchInferTask:
+        # MONAI Label's BatchInferTask divides by the number of CUDA devices (ZeroDivisionError on CPU servers)
+        return CpuBatchInferTask()
 
     def _segmentation_tasks(self) -> dict[str, SegmentationInfer]:
         return {n: t for n, t in self._infers.items() if isinstance(t, SegmentationInfer)}
