@@ -21,7 +21,7 @@ import requests
 import SimpleITK as sitk
 import torch
 
-from monailabel_app.lib.serving import PoolFullError, ServingConfig, WorkerPool, default_workers
+from monailabel_app.lib.serving import OffloadMiddleware, PoolFullError, ServingConfig, WorkerPool, default_workers
 from tests.image_checks import assert_same_grid
 from tests.server_fixture import ServerHandle, start_sample_server
 
@@ -98,6 +98,26 @@ def test_pool_sizes_follow_the_cores_and_the_conf():
         ServingConfig.from_conf({"infer_workers": "two"}, cores=2)
     with pytest.raises(ValueError, match="infer_queue"):
         ServingConfig.from_conf({"infer_queue": "-1"}, cores=2)
+
+
+def test_heavy_requests_go_to_their_pool_and_light_ones_stay_on_the_event_loop():
+    pools = {"infer": WorkerPool("infer", 1, 0, 1), "io": WorkerPool("io", 1, 0, 1)}
+    middleware = OffloadMiddleware(None, pools, "")
+
+    def pool_of(method: str, path: str, query: bytes = b"") -> str | None:
+        pool = middleware.pool_for({"type": "http", "method": method, "path": path, "query_string": query})
+        return pool.name if pool else None
+
+    assert pool_of("POST", "/infer/sadnn_seg_int8") == "infer"
+    assert pool_of("POST", "/activelearning/tta_uncertainty") == "infer"
+    assert pool_of("POST", "/scoring/over_under", b"run_sync=true") == "infer"
+    assert pool_of("POST", "/scoring/over_under") is None  # a background subprocess: nothing to offload
+    assert pool_of("PUT", "/datastore/label") == "io" and pool_of("PUT", "/datastore/image") == "io"
+    assert pool_of("PUT", "/datastore/") == "io" and pool_of("PUT", "/session/") == "io"
+    for method, path in (("GET", "/info/"), ("GET", "/datastore/"), ("GET", "/train/"), ("POST", "/train/sadnn_seg")):
+        assert pool_of(method, path) is None, path
+    for pool in pools.values():
+        pool.close()
 
 
 # ----- the real server -----

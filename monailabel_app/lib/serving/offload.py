@@ -13,8 +13,8 @@ Two pools:
 
 - ``infer``: ``POST /infer/...``, ``POST /activelearning/...``, and ``POST /scoring/...`` or ``POST /batch/infer/...``
   with ``run_sync=true`` (the ones that run networks in the server process); ``workers x torch threads`` = cores.
-- ``io``: ``PUT /datastore/label`` and ``PUT /datastore/`` (label and image uploads: reading and checking files),
-  so a save is not queued behind inferences.
+- ``io``: ``PUT /datastore/label``, ``PUT /datastore/image`` and ``PUT /session/`` (label and image uploads:
+  reading and checking files), so a save is not queued behind inferences.
 
 A request that finds its pool's queue full is answered ``503`` with ``Retry-After`` (seconds) and a ``detail``
 naming the queue, after its body has been read (so the client sees the answer rather than a reset connection).
@@ -46,7 +46,8 @@ _RULES: tuple[tuple[str, re.Pattern, str, bool], ...] = (
     ("POST", re.compile(r"^/scoring(/.*)?$"), "infer", True),
     ("POST", re.compile(r"^/batch/infer/.+"), "infer", True),
     ("PUT", re.compile(r"^/datastore/label/?$"), "io", False),
-    ("PUT", re.compile(r"^/datastore/?$"), "io", False),
+    ("PUT", re.compile(r"^/datastore(/image)?/?$"), "io", False),
+    ("PUT", re.compile(r"^/session/?$"), "io", False),
 )
 
 
