@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 DatastoreSource(str(studies)),
                 out,
                 workers=workers,
-                on_progress=lambda *_: finished.append(time.perf_counter()),
+                on_progress=lambda *_, done=finished: done.append(time.perf_counter()),
             )
             seconds = time.perf_counter() - start
             if report.failed or len(report.done) != args.copies:
@@ -70,25 +70,47 @@ def main(argv: list[str] | None = None) -> int:
             steady = (len(finished) - 1) / (finished[-1] - finished[0]) * 60 if len(finished) > 1 else float("nan")
             first = finished[0] - start
             runs[workers].append({"seconds": seconds, "steady_images_per_min": steady, "first_image_s": first})
-            print(f"--workers {workers}: {seconds:.1f} s for {args.copies} images (first after {first:.1f} s, then "
-                  f"{steady:.2f} images/min)", flush=True)
+            print(
+                f"--workers {workers}: {seconds:.1f} s for {args.copies} images (first after {first:.1f} s, then "
+                f"{steady:.2f} images/min)",
+                flush=True,
+            )
     rows = []
     for workers in worker_counts:
         seconds = statistics.median(r["seconds"] for r in runs[workers])
         steady = statistics.median(r["steady_images_per_min"] for r in runs[workers])
         first = statistics.median(r["first_image_s"] for r in runs[workers])
-        rows.append({"workers": workers, "seconds": round(seconds, 2), "images_per_min": round(60 * args.copies / seconds, 2),
-                     "steady_images_per_min": round(steady, 2), "first_image_s": round(first, 2)})
+        rows.append(
+            {
+                "workers": workers,
+                "seconds": round(seconds, 2),
+                "images_per_min": round(60 * args.copies / seconds, 2),
+                "steady_images_per_min": round(steady, 2),
+                "first_image_s": round(first, 2),
+            }
+        )
     base = rows[0]
     for row in rows:
         row["speedup"] = round(base["seconds"] / row["seconds"], 3)
         row["steady_speedup"] = round(row["steady_images_per_min"] / base["steady_images_per_min"], 3)
-        print(f"--workers {row['workers']}: median {row['seconds']} s, {row['images_per_min']} images/min end to end "
-              f"(speed-up {row['speedup']}x), steady {row['steady_images_per_min']} images/min "
-              f"(speed-up {row['steady_speedup']}x) over --workers {base['workers']}; first image after "
-              f"{row['first_image_s']} s")
-    print(json.dumps({"model": args.model, "image": args.image, "copies": args.copies, "cores": machine_cores(),
-                      "order": order, "runs": rows}))
+        print(
+            f"--workers {row['workers']}: median {row['seconds']} s, {row['images_per_min']} images/min end to end "
+            f"(speed-up {row['speedup']}x), steady {row['steady_images_per_min']} images/min "
+            f"(speed-up {row['steady_speedup']}x) over --workers {base['workers']}; first image after "
+            f"{row['first_image_s']} s"
+        )
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "image": args.image,
+                "copies": args.copies,
+                "cores": machine_cores(),
+                "order": order,
+                "runs": rows,
+            }
+        )
+    )
     return 0
 
 

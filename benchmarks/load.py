@@ -2,8 +2,8 @@
 """Many annotators, one server: ``/infer`` latency and throughput under 1, 4 and 20 concurrent clients, and ``/info``
 latency under that load, on the real server (127.0.0.1), side by side for several serving configurations.
 
-    python -m benchmarks.load [--quick] [--clients 1,4,20] [--rounds 2] [--configs blocking,pool]
-                              [--max-seconds 900] [--out runs/bench_load.json]
+    python -m benchmarks.load [--quick] [--clients 1,4,20] [--rounds 2] [--configs blocking,pool,pool1]
+                              [--max-seconds 1200] [--out runs/bench_load.json]
 
 Each configuration runs its own ``monailabel start_server`` on a temporary copy of one sample CT with one model;
 the servers run side by side (idle when it is not their turn) and their bursts alternate, so the shared machine's
@@ -13,11 +13,12 @@ changing load hits every configuration alike:
 - ``pool``: the app's default inference pool (``workers x torch threads`` = cores);
 - ``pool1``: one inference worker with all cores' torch threads (FIFO, no concurrency).
 
-For each number of clients N and configuration, ``rounds`` bursts of N simultaneous ``POST /infer/<model>?output=image`` requests are
-sent (one per client, started together), while another client polls ``GET /info/`` every 100 ms. Per N it reports
-p50/p95 request latency, throughput (answers per second over a burst), non-200 answers and the ``/info`` latency
-(p50/p99/max), and the ratio ``p50(N) / p50(1)`` against the target ``(N + 1) / 2`` (a FIFO server answering one
-request after another; a server that answers everyone at the end scores N). The run is bounded: no new burst
+For each number of clients N and configuration, ``rounds`` bursts of N simultaneous
+``POST /infer/<model>?output=image`` requests are sent (one per client, started together), while another client
+polls ``GET /info/`` every 100 ms. Per N it reports p50/p95 request latency, throughput (answers per second over a
+burst), non-200 answers and the ``/info`` latency (p50/p99/max), and the ratios ``p50(N) / p50(1)`` (its own and the
+blocking server's single-client p50) against the target ``(N + 1) / 2`` (a FIFO server answering one request after
+another; a server that answers everyone at the end scores N), and its throughput over the blocking server's. The run is bounded: no new burst
 starts after ``--max-seconds``. The last line printed is one JSON object with every figure.
 """
 

@@ -27,7 +27,7 @@ from monailabel_app.lib.batch.outputs import OutputFolder, incomplete_image
 from monailabel_app.lib.batch.server_task import failure_text
 from monailabel_app.lib.batch.sources import DatastoreSource
 
-__all__ = ["BatchReport", "build_infer_task", "run_batch", "plan_batch"]
+__all__ = ["BatchReport", "build_infer_task", "plan_batch", "run_batch"]
 
 logger = logging.getLogger(__name__)
 

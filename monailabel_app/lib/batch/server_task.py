@@ -42,8 +42,7 @@ def progress_line(done: int, failed: int, total: int, elapsed: float) -> str:
     """``batch infer progress: <done>/<total> images, <failed> failed, <s> s elapsed, ETA <s> s`` (the ETA from the
     mean time per image so far)."""
     finished = done + failed
-    eta = elapsed / finished * (total - finished) if finished else float("nan")
-    eta_text = "unknown" if eta != eta else f"{eta:.1f} s"
+    eta_text = f"{elapsed / finished * (total - finished):.1f} s" if finished else "unknown"
     return f"batch infer progress: {finished}/{total} images, {failed} failed, {elapsed:.1f} s elapsed, ETA {eta_text}"
 
 

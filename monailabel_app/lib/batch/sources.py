@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from monailabel.interfaces.datastore import Datastore
 
-__all__ = ["DatastoreSource", "URL_OPENER", "open_datastore", "select_images"]
+__all__ = ["URL_OPENER", "DatastoreSource", "open_datastore", "select_images"]
 
 # "module:function" opening a URL (DICOMweb) as a Datastore; None until a DICOMweb datastore is part of the app
 URL_OPENER: str | None = None

@@ -17,10 +17,10 @@ from monailabel_app.lib.serving.offload import OffloadMiddleware, offload_rules
 from monailabel_app.lib.serving.pool import PoolFullError, WorkerPool, default_workers, machine_cores
 
 __all__ = [
+    "SERVING_CONF_HELP",
     "OffloadMiddleware",
     "PoolFullError",
     "ServingConfig",
-    "SERVING_CONF_HELP",
     "WorkerPool",
     "default_workers",
     "install_offload",

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WorkerPool", "PoolFullError", "machine_cores", "default_workers"]
+__all__ = ["PoolFullError", "WorkerPool", "default_workers", "machine_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ class WorkerPool:
         self._served = 0
         self._refused = 0
         self._service_ewma: float | None = None
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
-        ]
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
