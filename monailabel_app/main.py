@@ -51,6 +51,8 @@ from monailabel_app.lib.request_guard import install_request_guard, note_upload 
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
 from monailabel_app.lib.trainers.distributed import train_request_problem  # noqa: E402
 from networks.registry import default_model_order  # noqa: E402
+from monailabel_app.lib.batch.server_task import CpuBatchInferTask  # noqa: E402
+from monailabel_app.lib.serving import ServingConfig, WorkerPool, install_offload  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ class MedAttnSlicerApp(MONAILabelApp):
             config.init(family, self.app_config.model_dir, conf, None, app_config=self.app_config, cache=self.cache)
             self.configs[family] = config
         self._warmup_thread: threading.Thread | None = None
+        # inference pool sizes, checked at start-up; the pools start with the server (on_init_complete)
+        self.serving_config = ServingConfig.from_conf(conf, self.app_config.threads)
+        self._pools: dict[str, WorkerPool] | None = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -117,6 +122,10 @@ class MedAttnSlicerApp(MONAILabelApp):
             if task is not None:
                 trainers[family] = task
         return trainers
+
+    def init_batch_infer(self) -> CpuBatchInferTask:
+        # MONAI Label's BatchInferTask divides by the number of CUDA devices (ZeroDivisionError on CPU servers)
+        return CpuBatchInferTask()
 
     def _segmentation_tasks(self) -> dict[str, SegmentationInfer]:
         return {n: t for n, t in self._infers.items() if isinstance(t, SegmentationInfer)}
@@ -201,6 +210,8 @@ class MedAttnSlicerApp(MONAILabelApp):
         meta["default_model"] = default
         meta["comparison_colours"] = COMPARISON_COLOURS
         meta["model_dir"] = self.app_config.model_dir
+        if self._pools:
+            meta["serving"] = {name: pool.status() for name, pool in self._pools.items()}
         running = self._training_running()
         for stats in meta["train_stats"].values():
             if stats.get("status") in ("RUNNING", "QUANTIZING") and not running:
@@ -315,6 +326,8 @@ class MedAttnSlicerApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         self._warn_if_public()
+        # before the request guard, which then wraps it: its 404s are answered on the event loop
+        self._pools = install_offload(self.serving_config)
         install_request_guard(
             {
                 "train": lambda: set(self._trainers),

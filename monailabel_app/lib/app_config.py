@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from networks.registry import SERVED_MODELS, LiveMapping
+from monailabel_app.lib.serving import SERVING_CONF_HELP
 
 __all__ = ["AppConfig", "parse_labels", "default_model_dir", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
 
@@ -37,6 +38,7 @@ CONF_HELP = {
     "rise_masks": "RISE masks per explanation map (default 256)",
     "threads": "torch CPU threads (default: torch's choice)",
     "auto_update_scoring": "'true' to rerun every scoring method after training/active learning (default false)",
+    **SERVING_CONF_HELP,
 }
 
 
