@@ -119,28 +119,26 @@ def _tracking_connection(
     return make
 
 
-class _CancellableHTTPHandler(urllib.request.HTTPHandler):
+class _TrackingHandler:
+    """Mixin of the two handlers below: the connections they open are made by :func:`_tracking_connection`."""
+
     def __init__(self, registry: _SocketRegistry, timeout_s: float) -> None:
         super().__init__()
         self._registry = registry
         self._timeout_s = timeout_s
 
+    def _connection_factory(self, base: type) -> Callable[..., http.client.HTTPConnection]:
+        return _tracking_connection(base, self._registry, self._timeout_s)
+
+
+class _CancellableHTTPHandler(_TrackingHandler, urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_tracking_connection(http.client.HTTPConnection, self._registry, self._timeout_s), req)
+        return self.do_open(self._connection_factory(http.client.HTTPConnection), req)
 
 
-class _CancellableHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, registry: _SocketRegistry, timeout_s: float) -> None:
-        super().__init__()
-        self._registry = registry
-        self._timeout_s = timeout_s
-
+class _CancellableHTTPSHandler(_TrackingHandler, urllib.request.HTTPSHandler):
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(
-            _tracking_connection(http.client.HTTPSConnection, self._registry, self._timeout_s),
-            req,
-            context=self._context,
-        )
+        return self.do_open(self._connection_factory(http.client.HTTPSConnection), req, context=self._context)
 
 
 def build_opener(registry: _SocketRegistry, timeout_s: float, use_system_proxy: bool) -> urllib.request.OpenerDirector:
