@@ -14,6 +14,7 @@ import torch
 from monai.networks.layers import Conv, Norm, Pool
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.nystrom_attention import NystromAttention
 from networks.blocks.performer_attention import PerformerAttention
 
@@ -204,8 +205,7 @@ class HCT(nn.Module):
         pinv_iterations: int = 6,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         channels, blocks, strides = tuple(channels), tuple(blocks), tuple(strides)
         if not (len(channels) == len(blocks) == len(strides)) or len(channels) == 0:
             raise ValueError(
