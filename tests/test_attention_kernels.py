@@ -165,6 +165,17 @@ def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads, isa)
                                    atol=1e-5)
 
 
+def one_and_two_threads(op, *args):
+    """``op(*args)`` with one intra-op thread (the module's setting) and with two: ``(single, threaded)``."""
+    single = op(*args)
+    torch.set_num_threads(2)
+    try:
+        threaded = op(*args)
+    finally:
+        torch.set_num_threads(1)
+    return single, threaded
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_fp32_kernel_on_larger_images_matches_torch_core(isa):
     # many tiles and rows, two threads (each owns a contiguous range of rows and its own row cache)
@@ -173,12 +184,7 @@ def test_fp32_kernel_on_larger_images_matches_torch_core(isa):
             continue  # the per-pixel path is slow; its exactness is covered above
         q, k, v, rel = random_inputs(shape, kernel_size, seed=1)
         expected = local_attention_torch(q, k, v, rel, kernel_size, heads)
-        single = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
-        torch.set_num_threads(2)
-        try:
-            threaded = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
-        finally:
-            torch.set_num_threads(1)
+        single, threaded = one_and_two_threads(fp32_isa(isa), q, k, v, rel, kernel_size, heads)
         torch.testing.assert_close(single, expected, rtol=1e-5, atol=2e-5)
         assert torch.equal(single, threaded)
 
@@ -298,12 +304,7 @@ def test_int8_kernel_on_larger_images_with_two_threads(isa):
                                             ((1, 600, 3, 11), 3, 1, 6), ((1, 34, 5, 23), 7, 2, 7)]:
         q, k, v, rel = random_inputs(shape, kernel_size, seed=seed)
         qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
-        single = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
-        torch.set_num_threads(2)
-        try:
-            threaded = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
-        finally:
-            torch.set_num_threads(1)
+        single, threaded = one_and_two_threads(int8_isa(isa), qq, kq, vq, rel, kernel_size, heads)
         assert torch.equal(single, threaded)
         torch.testing.assert_close(single, portable(qq, kq, vq, rel, kernel_size, heads), rtol=1e-5, atol=1e-5)
 
