@@ -6,24 +6,6 @@
 >>> atomic_write_text("stats.json", json.dumps(stats))
 """
 
-from atomic_io.writer import (
-    atomic_open,
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_text,
-    current_umask,
-    fsync_directory,
-    new_dir_mode,
-    new_file_mode,
-)
-
-__all__ = [
-    "atomic_open",
-    "atomic_path",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "current_umask",
-    "fsync_directory",
-    "new_dir_mode",
-    "new_file_mode",
-]
+# writer.__all__ is the one list of the public names: re-export exactly those
+from atomic_io.writer import *  # noqa: F403
+from atomic_io.writer import __all__ as __all__

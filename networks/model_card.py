@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from networks.atomic_file import atomic_path
 from networks.registry import LiveMapping, card_variants
+from networks.type_lookup import lookup_by_type
 
 __all__ = [
     "ENERGY_PJ",
@@ -95,13 +96,6 @@ def mac_rules() -> dict[type, MacRule]:
     return dict(_MAC_RULES)
 
 
-def _rule_for(module: nn.Module) -> MacRule | None:
-    for cls in type(module).__mro__:
-        if cls in _MAC_RULES:
-            return _MAC_RULES[cls]
-    return None
-
-
 def local_self_attention_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     """Local self-attention core: ``2 * K * C`` MACs per output pixel (SaDNN paper's count, ``K = k**dims``).
 
@@ -142,7 +136,7 @@ def _run_counted(model: nn.Module, example: torch.Tensor) -> tuple[FlopCounterMo
     rule_macs: dict[str, list] = {}
     handles = []
     for name, module in model.named_modules():
-        rule = _rule_for(module)
+        rule = lookup_by_type(_MAC_RULES, module)
         if rule is None:
             continue
 
@@ -223,7 +217,7 @@ def count_int8_macs(model: nn.Module, input_shape: Sequence[int], *, device: str
 
     def attention_hook(module, inputs, output):
         nonlocal total
-        total += int(_rule_for(module)(module, inputs, output))
+        total += int(lookup_by_type(_MAC_RULES, module)(module, inputs, output))
 
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     handles = [m.register_forward_hook(leaf_hook) for _, m in leaves]

@@ -36,6 +36,7 @@ __all__ = [
     "start_server",
     "sample_studies",
     "monailabel_server",
+    "sample_server_fixture",
 ]
 
 
@@ -117,3 +118,24 @@ def start_sample_server(
     handle.model_dir = model_dir
     return handle
 
+
+def sample_server_fixture(
+    images: Sequence[str] | None = None,
+    conf: dict[str, str] | None = None,
+    *,
+    name: str,
+    scope: str = "module",
+    doc: str | None = None,
+):
+    """A pytest fixture called ``name`` that yields :func:`start_sample_server` (``images``, ``conf``) for its
+    ``scope`` and stops it afterwards. Assign it to a module-level variable of the same name::
+
+        server = sample_server_fixture(STUDIES, name="server")
+    """
+
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+        with start_sample_server(tmp_path_factory, images, conf) as handle:
+            yield handle
+
+    server.__doc__ = doc or f"A MONAI Label server over a fresh copy of the sample images {images or '(all)'}."
+    return pytest.fixture(scope=scope, name=name)(server)

@@ -21,7 +21,7 @@ from monailabel.client import MONAILabelClient
 
 from networks.registry import list_families
 from tests.image_checks import assert_same_grid, read_array
-from tests.server_fixture import ServerHandle, start_sample_server
+from tests.server_fixture import ServerHandle, sample_server_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,7 @@ STUDIES = ("example_ct_sm", "example_mr_sm", "example_ct_dicom", "CTChest4")
 SEG_MODELS = ("sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_int8", "unet_seg_fp32")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    with start_sample_server(tmp_path_factory, STUDIES) as handle:
-        yield handle
+server = sample_server_fixture(STUDIES, name="server")
 
 
 @pytest.fixture(scope="module")
@@ -441,10 +438,7 @@ def test_save_label_keeps_earlier_labels(server: ServerHandle, client: MONAILabe
 # ------------------------------------------------------------------------------------------- training
 # Training publishes new weights, which would change every other test's segmentations: the training tests get a
 # server and datastore of their own, and each holds in any order.
-@pytest.fixture(scope="module")
-def training_server(tmp_path_factory: pytest.TempPathFactory):
-    with start_sample_server(tmp_path_factory, STUDIES) as handle:
-        yield handle
+training_server = sample_server_fixture(STUDIES, name="training_server")
 
 
 @pytest.fixture(scope="module")

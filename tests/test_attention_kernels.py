@@ -34,6 +34,7 @@ from networks.kernels import (
     local_attention_fused,
     local_attention_fused_int8,
 )
+from tests.references import reference_local_attention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,32 +59,7 @@ def kernels():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# references
-
-
-def reference_attention(q, k, v, rel, kernel_size, heads):
-    """The contract evaluated one pixel, head and neighbour at a time in float64; zero keys/values off the image."""
-    q, k, v, rel = (t.double() for t in (q, k, v, rel))
-    batch, channels, *spatial = q.shape
-    head_dim = channels // heads
-    radius = kernel_size // 2
-    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
-    zeros = torch.zeros(head_dim, dtype=torch.float64)
-    out = torch.zeros_like(v)
-    for b in range(batch):
-        for p in itertools.product(*(range(s) for s in spatial)):
-            for h in range(heads):
-                cs = slice(h * head_dim, (h + 1) * head_dim)
-                logits, values = [], []
-                for n, offset in enumerate(offsets):
-                    nb = tuple(pi + oi for pi, oi in zip(p, offset))
-                    inside = all(0 <= i < s for i, s in zip(nb, spatial))
-                    key = k[(b, cs) + nb] if inside else zeros
-                    values.append(v[(b, cs) + nb] if inside else zeros)
-                    logits.append(torch.dot(q[(b, cs) + p], key + rel[n, cs]))
-                weights = torch.softmax(torch.stack(logits), dim=0)
-                out[(b, cs) + p] = (weights[:, None] * torch.stack(values)).sum(0)
-    return out.float()
+# references (the float one, reference_local_attention, is shared with test_local_self_attention)
 
 
 def reference_attention_int8(q, k, v, rel, kernel_size, heads):
@@ -178,7 +154,7 @@ CASES = [
 @pytest.mark.parametrize("shape, kernel_size, heads", CASES)
 def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads, isa):
     q, k, v, rel = random_inputs(shape, kernel_size)
-    expected = reference_attention(q, k, v, rel, kernel_size, heads)
+    expected = reference_local_attention(q, k, v, rel, kernel_size, heads)
     got = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
     assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -189,6 +165,17 @@ def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads, isa)
                                    atol=1e-5)
 
 
+def one_and_two_threads(op, *args):
+    """``op(*args)`` with one intra-op thread (the module's setting) and with two: ``(single, threaded)``."""
+    single = op(*args)
+    torch.set_num_threads(2)
+    try:
+        threaded = op(*args)
+    finally:
+        torch.set_num_threads(1)
+    return single, threaded
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_fp32_kernel_on_larger_images_matches_torch_core(isa):
     # many tiles and rows, two threads (each owns a contiguous range of rows and its own row cache)
@@ -197,12 +184,7 @@ def test_fp32_kernel_on_larger_images_matches_torch_core(isa):
             continue  # the per-pixel path is slow; its exactness is covered above
         q, k, v, rel = random_inputs(shape, kernel_size, seed=1)
         expected = local_attention_torch(q, k, v, rel, kernel_size, heads)
-        single = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
-        torch.set_num_threads(2)
-        try:
-            threaded = fp32_isa(isa)(q, k, v, rel, kernel_size, heads)
-        finally:
-            torch.set_num_threads(1)
+        single, threaded = one_and_two_threads(fp32_isa(isa), q, k, v, rel, kernel_size, heads)
         torch.testing.assert_close(single, expected, rtol=1e-5, atol=2e-5)
         assert torch.equal(single, threaded)
 
@@ -262,7 +244,7 @@ def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads, is
         assert (error > 1e-5).float().mean().item() < 0.01  # measured: none
     torch.testing.assert_close(got, portable, rtol=1e-5, atol=1e-5)
     # and the INT8 arithmetic stays close to the float contract on the same (dequantized) inputs
-    float_reference = reference_attention(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
+    float_reference = reference_local_attention(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
     assert (got - float_reference).abs().max().item() <= 0.05 * float_reference.abs().max().item()
 
 
@@ -322,12 +304,7 @@ def test_int8_kernel_on_larger_images_with_two_threads(isa):
                                             ((1, 600, 3, 11), 3, 1, 6), ((1, 34, 5, 23), 7, 2, 7)]:
         q, k, v, rel = random_inputs(shape, kernel_size, seed=seed)
         qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
-        single = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
-        torch.set_num_threads(2)
-        try:
-            threaded = int8_isa(isa)(qq, kq, vq, rel, kernel_size, heads)
-        finally:
-            torch.set_num_threads(1)
+        single, threaded = one_and_two_threads(int8_isa(isa), qq, kq, vq, rel, kernel_size, heads)
         assert torch.equal(single, threaded)
         torch.testing.assert_close(single, portable(qq, kq, vq, rel, kernel_size, heads), rtol=1e-5, atol=1e-5)
 

@@ -264,6 +264,22 @@ def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.Temp
         assert {p.name: p.read_bytes() for p in model_dir.glob("sadnn_cls*.pt")} == published
 
 
+def _run_machines(launcher_args: list[list[str]]) -> list[tuple[int, str, str]]:
+    """One training launcher per argument list, run at once (as on separate machines): ``(returncode, stdout,
+    stderr)`` of each; a launcher still alive after 600 s or an error is killed."""
+    machines = [
+        subprocess.Popen(_train_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for args in launcher_args
+    ]
+    try:
+        outputs = [m.communicate(timeout=600) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    return [(m.returncode, out, err) for m, (out, err) in zip(machines, outputs, strict=True)]
+
+
 @pytest.mark.slow
 def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: Path):
     """``--nnodes 2``: two launchers (two torchrun agents, as on two machines; here both on 127.0.0.1) meet at one
@@ -273,18 +289,8 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: P
     args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
             "--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
             "--rdzv-id", "two_machines", "--join-timeout", "120"]  # fmt: skip
-    machines = [
-        subprocess.Popen(_train_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        for _ in range(2)
-    ]
-    try:
-        outputs = [m.communicate(timeout=600) for m in machines]
-    finally:
-        for m in machines:
-            if m.poll() is None:
-                m.kill()
-    for m, (out, err) in zip(machines, outputs):
-        assert m.returncode == 0, out[-2000:] + err[-2000:]
+    for returncode, out, err in _run_machines([args, args]):
+        assert returncode == 0, out[-2000:] + err[-2000:]
     stats = json.loads((model_dir / "sadnn_seg_train_stats.json").read_text())
     assert stats["status"] == "PUBLISHED" and stats["distributed"]["world_size"] == 2
     ranks = stats["distributed"]["ranks"]
@@ -302,21 +308,8 @@ def test_machines_with_different_datastores_fail_at_the_start(studies: Path, tmp
     common = ["--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"), "--set", "max_epochs=1",
               *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "differ",
               "--join-timeout", "120"]  # fmt: skip
-    machines = [
-        subprocess.Popen(
-            _train_cli("--studies", str(folder), *common),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        )  # fmt: skip
-        for folder in (studies, other)
-    ]
-    try:
-        outputs = [m.communicate(timeout=600) for m in machines]
-    finally:
-        for m in machines:
-            if m.poll() is None:
-                m.kill()
-    for m, (out, err) in zip(machines, outputs):
-        assert m.returncode == 1, out[-2000:] + err[-2000:]
+    for returncode, out, err in _run_machines([["--studies", str(folder), *common] for folder in (studies, other)]):
+        assert returncode == 1, out[-2000:] + err[-2000:]
         message = err.strip().splitlines()[-1]
         assert "exited with code 1" in message and "see different labelled images than rank 0" in message, message
         assert "every machine needs the same datastore" in message

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import networks
 import networks.factory as factory
 from networks import SaDNNCls, SaDNNSeg, create_model, list_models, register_model
+from networks.blocks import LocalSelfAttention
 from networks.model_card import count_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -82,3 +84,21 @@ def test_register_model(private_registry):
     assert isinstance(create_model("tiny_conv"), nn.Identity)
     with pytest.raises(ValueError, match="non-empty string"):
         register_model("")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda dims: networks.SaDNNSeg(spatial_dims=dims),
+        lambda dims: networks.SaDNNCls(spatial_dims=dims),
+        lambda dims: networks.PatchConvNet(spatial_dims=dims),
+        lambda dims: networks.HCT(spatial_dims=dims),
+        lambda dims: networks.Scopeformer(spatial_dims=dims),
+        lambda dims: LocalSelfAttention(dims, in_channels=2, out_channels=2),
+    ],
+    ids=["SaDNNSeg", "SaDNNCls", "PatchConvNet", "HCT", "Scopeformer", "LocalSelfAttention"],
+)
+@pytest.mark.parametrize("dims", [1, 4])
+def test_networks_reject_unsupported_spatial_dims(build, dims):
+    with pytest.raises(ValueError, match=f"spatial_dims must be 2 or 3, got {dims}"):
+        build(dims)

@@ -20,34 +20,11 @@ from networks.blocks.local_self_attention import (
     local_attention_torch,
     register_attention_backend,
 )
+from tests.references import reference_local_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def reference_attention(q, k, v, rel, kernel_size, heads):
-    """The SASA equation, one pixel, head and neighbour at a time; out-of-image keys and values are zero."""
-    batch, channels, *spatial = q.shape
-    head_dim = channels // heads
-    radius = kernel_size // 2
-    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
-    out = torch.zeros_like(v)
-    for b in range(batch):
-        for p in itertools.product(*(range(s) for s in spatial)):
-            for h in range(heads):
-                cs = slice(h * head_dim, (h + 1) * head_dim)
-                logits, values = [], []
-                for n, offset in enumerate(offsets):
-                    nb = tuple(pi + oi for pi, oi in zip(p, offset))
-                    inside = all(0 <= i < s for i, s in zip(nb, spatial))
-                    key = k[(b, cs) + nb] if inside else torch.zeros(head_dim, dtype=q.dtype)
-                    value = v[(b, cs) + nb] if inside else torch.zeros(head_dim, dtype=q.dtype)
-                    logits.append(torch.dot(q[(b, cs) + p], key + rel[n, cs]))
-                    values.append(value)
-                weights = torch.softmax(torch.stack(logits), dim=0)
-                out[(b, cs) + p] = (weights[:, None] * torch.stack(values)).sum(0)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -59,7 +36,7 @@ def test_core_matches_per_pixel_reference(spatial, kernel_size, heads):
     channels = 4
     q, k, v = (torch.randn(2, channels, *spatial, dtype=torch.float64) for _ in range(3))
     rel = torch.randn(kernel_size ** len(spatial), channels, dtype=torch.float64)
-    expected = reference_attention(q, k, v, rel, kernel_size, heads)
+    expected = reference_local_attention(q, k, v, rel, kernel_size, heads)
     got = local_attention_torch(q, k, v, rel, kernel_size, heads)
     assert got.shape == q.shape
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
@@ -76,7 +53,7 @@ def test_core_channel_chunking_matches_reference(monkeypatch, heads):
     inputs.append(torch.randn(9, 6, dtype=torch.float64))
     upstream = torch.randn(2, 6, 4, 5, dtype=torch.float64)
     results = []
-    for fn in (local_attention_torch, reference_attention):
+    for fn in (local_attention_torch, reference_local_attention):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         out = fn(*leaves, 3, heads)
         (out * upstream).sum().backward()
@@ -89,7 +66,7 @@ def test_core_accepts_non_contiguous_inputs():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 6, 5, 4, dtype=torch.float64).transpose(2, 3) for _ in range(3))
     rel = torch.randn(9, 6, dtype=torch.float64)
-    torch.testing.assert_close(local_attention_torch(q, k, v, rel, 3, 3), reference_attention(q, k, v, rel, 3, 3))
+    torch.testing.assert_close(local_attention_torch(q, k, v, rel, 3, 3), reference_local_attention(q, k, v, rel, 3, 3))
 
 
 @pytest.mark.parametrize("shape, kernel_size, heads", [((2, 4, 4, 5), 3, 2), ((1, 3, 3, 2, 3), 5, 1)])
@@ -100,7 +77,7 @@ def test_core_gradients_match_autograd_of_reference(shape, kernel_size, heads):
     inputs.append(torch.randn(kernel_size ** (len(shape) - 2), shape[1], dtype=torch.float64))
     upstream = torch.randn(*shape, dtype=torch.float64)
     grads = []
-    for fn in (local_attention_torch, reference_attention):
+    for fn in (local_attention_torch, reference_local_attention):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         (fn(*leaves, kernel_size, heads) * upstream).sum().backward()
         grads.append([leaf.grad for leaf in leaves])
@@ -129,7 +106,7 @@ def test_layer_relative_embedding_layout_and_output():
             torch.testing.assert_close(rel[n, starts[axis] : starts[axis + 1]], table[:, offset[axis] + 1])
 
     x = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64)
-    expected = reference_attention(layer.query(x), layer.key(x), layer.value(x), rel, 3, 2)
+    expected = reference_local_attention(layer.query(x), layer.key(x), layer.value(x), rel, 3, 2)
     torch.testing.assert_close(layer(x), expected)
 
 
@@ -163,10 +140,10 @@ def test_backend_dispatch():
     layer = LocalSelfAttention(2, in_channels=2, out_channels=4, kernel_size=3, heads=2).double()
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
     expected = layer(x)
-    register_attention_backend("per_pixel_reference", reference_attention)
+    register_attention_backend("per_pixel_reference", reference_local_attention)
     try:
         with pytest.raises(ValueError, match="already registered"):
-            register_attention_backend("per_pixel_reference", reference_attention)
+            register_attention_backend("per_pixel_reference", reference_local_attention)
         layer.backend = "per_pixel_reference"
         torch.testing.assert_close(layer(x), expected)
         layer.backend = "no_such_backend"

@@ -745,11 +745,14 @@ def test_training_error_raises_training_failed(fake_server):
     assert "ERROR" in job.message and "CUDA not found" in job.message
 
 
-def _long_training_running(fake_server):
+def _long_training_running(fake_server, edit_routes=None):
     """A stand-in server with a long training and this panel's job that started it (status RUNNING):
-    ``(training, server, runner, job)``."""
+    ``(training, server, runner, job)``. ``edit_routes(training, routes)`` may change the server's routes first."""
     training = _TrainingServer("DONE", total_epochs=10_000)
-    server = fake_server(training.routes())
+    routes = training.routes()
+    if edit_routes is not None:
+        edit_routes(training, routes)
+    server = fake_server(routes)
     runner = JobRunner()
     job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
                         poll_interval_s=30.0)
@@ -768,14 +771,10 @@ def test_cancel_training_stops_it_on_the_server(fake_server):
 
 
 def test_cancel_training_reports_a_failed_stop(fake_server):
-    training = _TrainingServer("DONE", total_epochs=10_000)
-    routes = training.routes()
-    routes[("DELETE", "/train/")] = _json(500, {"detail": "kill failed"})
-    server = fake_server(routes)
-    runner = JobRunner()
-    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
-                        poll_interval_s=30.0)
-    assert _wait_for(lambda: training.status == "RUNNING")
+    def failing_stop(training, routes):
+        routes[("DELETE", "/train/")] = _json(500, {"detail": "kill failed"})
+
+    training, server, runner, job = _long_training_running(fake_server, failing_stop)
     job.cancel()
     runner.wait(job, timeout_s=5)
     assert job.state == JobState.FAILED
@@ -893,19 +892,15 @@ def test_module_shutdown_leaves_the_servers_training_running(fake_server):
 
 
 def test_cancel_does_not_stop_another_annotators_training_of_the_same_model(fake_server):
-    training = _TrainingServer("DONE", total_epochs=10_000)
-    routes = training.routes()
-    # The server runs someone else's training of the same model (another task id) when ours is cancelled.
-    routes[("GET", "/train/")] = lambda request: (
-        (200, "application/json", json.dumps({"id": "task-of-someone-else", "status": "RUNNING",
-                                              "request": {"model": "sadnn_seg"}}).encode())
-        if request["query"].get("check_if_running") == "true" else training.task_status(request)
-    )
-    server = fake_server(routes)
-    runner = JobRunner()
-    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
-                        poll_interval_s=30.0)
-    assert _wait_for(lambda: training.status == "RUNNING")
+    def someone_elses_training(training, routes):
+        # The server runs someone else's training of the same model (another task id) when ours is cancelled.
+        routes[("GET", "/train/")] = lambda request: (
+            (200, "application/json", json.dumps({"id": "task-of-someone-else", "status": "RUNNING",
+                                                  "request": {"model": "sadnn_seg"}}).encode())
+            if request["query"].get("check_if_running") == "true" else training.task_status(request)
+        )
+
+    training, server, runner, job = _long_training_running(fake_server, someone_elses_training)
     job.cancel()
     runner.wait(job, timeout_s=5)
     assert job.state == JobState.CANCELLED and "another training task on the server was left running" in job.message

@@ -48,7 +48,7 @@ from MedAttnSlicerLib import (
     workflows,
 )
 from tests.image_checks import assert_same_grid, read_array
-from tests.server_fixture import ServerHandle, free_port, start_sample_server
+from tests.server_fixture import ServerHandle, free_port, sample_server_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,7 @@ RISE_MASKS = 32  # enough for a map, cheap on 2 cores
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    with start_sample_server(tmp_path_factory, STUDIES) as handle:
-        yield handle
+server = sample_server_fixture(STUDIES, name="server")
 
 
 @pytest.fixture(scope="module")
@@ -529,11 +526,12 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
 
 
 # ---------------------------------------------------------------------------------------------- training
-@pytest.fixture
-def training_server(tmp_path_factory: pytest.TempPathFactory):
-    """A server of its own for training: what training publishes would change every other test's segmentations."""
-    with start_sample_server(tmp_path_factory, STUDIES) as handle:
-        yield handle
+training_server = sample_server_fixture(
+    STUDIES,
+    name="training_server",
+    scope="function",
+    doc="A server of its own for training: what training publishes would change every other test's segmentations.",
+)
 
 
 def test_train_briefly_then_train_and_stop(training_server: ServerHandle, runner: JobRunner, tmp_path: Path):

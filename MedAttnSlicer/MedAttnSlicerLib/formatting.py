@@ -51,11 +51,7 @@ def format_count(value: Optional[float]) -> str:
     """1234 -> '1.23 k', 7971298 -> '7.97 M'."""
     if value is None:
         return _NA
-    number = float(value)
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= limit:
-            return f"{number / limit:.2f} {suffix}"
-    return f"{number:.0f}"
+    return _scaled(float(value), ((1e9, "G"), (1e6, "M"), (1e3, "k")), "")
 
 
 def format_bytes(value: Optional[float]) -> str:
@@ -65,10 +61,15 @@ def format_bytes(value: Optional[float]) -> str:
     number = float(value)
     if number < 0:
         raise ValueError(f"A size cannot be negative: {value}")
-    for limit, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if number >= limit:
+    return _scaled(number, ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")), " B")
+
+
+def _scaled(number: float, units: Sequence[Tuple[float, str]], unscaled_suffix: str) -> str:
+    """``number`` in the largest of ``units`` ((limit, suffix), largest first) it reaches, else as a whole number."""
+    for limit, suffix in units:
+        if abs(number) >= limit:
             return f"{number / limit:.2f} {suffix}"
-    return f"{number:.0f} B"
+    return f"{number:.0f}{unscaled_suffix}"
 
 
 def format_energy(joules: Optional[float]) -> str:

@@ -8,11 +8,13 @@ model entries (docs/server_api.md). Other MONAI Label apps omit them; every fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from .heatmap import default_explanation, explanation_methods
 
 __all__ = ["ModelCard", "model_cards", "default_model", "SEGMENTATION", "CLASSIFICATION"]
+
+Number = TypeVar("Number", int, float)
 
 SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
@@ -87,13 +89,13 @@ class ModelCard:
             default=bool(entry.get("default", False)),
             labels=entry.get("labels"),
             description=str(entry.get("description") or ""),
-            dimension=_optional_int(entry.get("dimension"), name, "dimension"),
-            params=_optional_int(card.get("params"), name, "params"),
-            macs=_optional_int(card.get("macs"), name, "macs"),
-            fp32_size_bytes=_optional_int(card.get("fp32_size_bytes"), name, "fp32_size_bytes"),
-            int8_size_bytes=_optional_int(card.get("int8_size_bytes"), name, "int8_size_bytes"),
-            energy_fp32_j=_optional_float(card.get("energy_fp32_j"), name, "energy_fp32_j"),
-            energy_int8_j=_optional_float(card.get("energy_int8_j"), name, "energy_int8_j"),
+            dimension=_optional_number(entry.get("dimension"), name, "dimension", int),
+            params=_optional_number(card.get("params"), name, "params", int),
+            macs=_optional_number(card.get("macs"), name, "macs", int),
+            fp32_size_bytes=_optional_number(card.get("fp32_size_bytes"), name, "fp32_size_bytes", int),
+            int8_size_bytes=_optional_number(card.get("int8_size_bytes"), name, "int8_size_bytes", int),
+            energy_fp32_j=_optional_number(card.get("energy_fp32_j"), name, "energy_fp32_j", float),
+            energy_int8_j=_optional_number(card.get("energy_int8_j"), name, "energy_int8_j", float),
             input_shape=list(card["input_shape"]) if card.get("input_shape") else None,
             explanations=explanations,
             default_explanation=default_method,
@@ -136,19 +138,11 @@ def default_model(cards: Sequence[ModelCard], task: Optional[str] = None) -> Opt
     return None
 
 
-def _optional_int(value: Any, model: str, key: str) -> Optional[int]:
+def _optional_number(value: Any, model: str, key: str, kind: Callable[[Any], Number]) -> Optional[Number]:
+    """``kind(value)`` (``int`` or ``float``), None for None; a ValueError naming the model and the key otherwise."""
     if value is None:
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"Model '{model}': {key} must be a number, got {value!r}") from error
-
-
-def _optional_float(value: Any, model: str, key: str) -> Optional[float]:
-    if value is None:
-        return None
-    try:
-        return float(value)
+        return kind(value)
     except (TypeError, ValueError) as error:
         raise ValueError(f"Model '{model}': {key} must be a number, got {value!r}") from error

@@ -75,10 +75,15 @@ class ServerPanelMixin:
             raise MedAttnClientError("The server offers no classification model.")
         return self.clsCards[index]
 
+    @staticmethod
+    def _chosenCard(comboBox, cards):
+        """The card chosen in ``comboBox``, None when there is none."""
+        index = comboBox.currentIndex
+        return cards[index] if 0 <= index < len(cards) else None
+
     def onSegModelChanged(self):
         with self.userAction("Could not show the model."):
-            index = self.ui.segModelComboBox.currentIndex
-            card = self.segCards[index] if 0 <= index < len(self.segCards) else None
+            card = self._chosenCard(self.ui.segModelComboBox, self.segCards)
             self.ui.segModelCardLabel.setText(formatting.model_card_text(card) if card else "")
             if card:
                 self.parameters.segmentationModel = card.name
@@ -86,8 +91,7 @@ class ServerPanelMixin:
 
     def onClsModelChanged(self):
         with self.userAction("Could not show the model."):
-            index = self.ui.clsModelComboBox.currentIndex
-            card = self.clsCards[index] if 0 <= index < len(self.clsCards) else None
+            card = self._chosenCard(self.ui.clsModelComboBox, self.clsCards)
             self.ui.clsModelCardLabel.setText(formatting.model_card_text(card) if card else "")
             if card:
                 self.parameters.classificationModel = card.name

@@ -15,6 +15,7 @@ cancelling shuts the socket down, which ends a blocked call at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import http.client
 import json
@@ -119,28 +120,26 @@ def _tracking_connection(
     return make
 
 
-class _CancellableHTTPHandler(urllib.request.HTTPHandler):
+class _TrackingHandler:
+    """Mixin of the two handlers below: the connections they open are made by :func:`_tracking_connection`."""
+
     def __init__(self, registry: _SocketRegistry, timeout_s: float) -> None:
         super().__init__()
         self._registry = registry
         self._timeout_s = timeout_s
 
+    def _connection_factory(self, base: type) -> Callable[..., http.client.HTTPConnection]:
+        return _tracking_connection(base, self._registry, self._timeout_s)
+
+
+class _CancellableHTTPHandler(_TrackingHandler, urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_tracking_connection(http.client.HTTPConnection, self._registry, self._timeout_s), req)
+        return self.do_open(self._connection_factory(http.client.HTTPConnection), req)
 
 
-class _CancellableHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, registry: _SocketRegistry, timeout_s: float) -> None:
-        super().__init__()
-        self._registry = registry
-        self._timeout_s = timeout_s
-
+class _CancellableHTTPSHandler(_TrackingHandler, urllib.request.HTTPSHandler):
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(
-            _tracking_connection(http.client.HTTPSConnection, self._registry, self._timeout_s),
-            req,
-            context=self._context,
-        )
+        return self.do_open(self._connection_factory(http.client.HTTPSConnection), req, context=self._context)
 
 
 def build_opener(registry: _SocketRegistry, timeout_s: float, use_system_proxy: bool) -> urllib.request.OpenerDirector:
@@ -154,6 +153,7 @@ def build_opener(registry: _SocketRegistry, timeout_s: float, use_system_proxy: 
     return urllib.request.build_opener(*handlers)
 
 
+@dataclasses.dataclass(eq=False)
 class Exchange:
     """One HTTP request/response with uniform error translation (context manager).
 
@@ -161,31 +161,24 @@ class Exchange:
         url: absolute URL with query.
         method: HTTP method.
         body: request body (None for none).
-        headers: extra request headers (Content-Type, Authorization).
+        request_headers: extra request headers (Content-Type, Authorization).
         timeout_s: socket timeout.
         cancel: token whose cancel aborts the exchange.
         use_system_proxy: honour ``http_proxy``-style variables.
     """
 
-    def __init__(
-        self,
-        url: str,
-        method: str,
-        body: Optional[bytes],
-        headers: dict,
-        timeout_s: float,
-        cancel: Optional[CancelToken],
-        use_system_proxy: bool = False,
-    ) -> None:
-        self.method = method
-        self.url = url
-        self.body = body
-        self.request_headers = headers
-        self.timeout_s = timeout_s
-        self.cancel = cancel
-        self.use_system_proxy = use_system_proxy
-        self.registry = _SocketRegistry(cancel)
-        self.response: Optional[http.client.HTTPResponse] = None
+    url: str
+    method: str
+    body: Optional[bytes]
+    request_headers: dict
+    timeout_s: float
+    cancel: Optional[CancelToken]
+    use_system_proxy: bool = False
+    registry: _SocketRegistry = dataclasses.field(init=False, repr=False)
+    response: Optional[http.client.HTTPResponse] = dataclasses.field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry = _SocketRegistry(self.cancel)
 
     def __enter__(self) -> "Exchange":
         if self.cancel is not None:

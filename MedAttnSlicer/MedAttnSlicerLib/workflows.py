@@ -162,7 +162,23 @@ def segment(
     dest_dir: Optional[str] = None,
 ) -> InferResult:
     """Run a segmentation model; the result must carry a label file."""
-    result = client.infer(
+    result = _infer(ctx, client, model, image_id, image_file, params, dest_dir)
+    if not result.label_path:
+        raise ProtocolError(f"Model '{model}' returned no label file (answer: {result.params})")
+    return result
+
+
+def _infer(
+    ctx: JobContext,
+    client: MonaiLabelClient,
+    model: str,
+    image_id: Optional[str],
+    image_file: Optional[str],
+    params: Optional[Dict[str, Any]],
+    dest_dir: Optional[str],
+) -> InferResult:
+    """``POST /infer/{model}`` as part of the job: cancelled by its token, progress reported to it."""
+    return client.infer(
         model,
         image_id=image_id,
         image_file=image_file,
@@ -171,9 +187,6 @@ def segment(
         cancel=ctx.cancel_token,
         progress=lambda f, m: ctx.progress(f, m),
     )
-    if not result.label_path:
-        raise ProtocolError(f"Model '{model}' returned no label file (answer: {result.params})")
-    return result
 
 
 def compare_on_server(
@@ -231,15 +244,7 @@ def classify(
     wanted = explanation_key(explain) if explain else ""
     if wanted:
         request["explain"] = wanted
-    result = client.infer(
-        model,
-        image_id=image_id,
-        image_file=image_file,
-        params=request,
-        dest_dir=dest_dir,
-        cancel=ctx.cancel_token,
-        progress=lambda f, m: ctx.progress(f, m),
-    )
+    result = _infer(ctx, client, model, image_id, image_file, request, dest_dir)
     if result.probabilities is None:
         raise ProtocolError(f"Model '{model}' returned no class probabilities (answer: {result.params})")
     if not result.label_path:

@@ -1,24 +1,16 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """Building blocks of the project's networks."""
 
+# local_self_attention.__all__ is the one list of that module's public names: re-export exactly those
 from .class_attention import ClassAttention, ClassAttentionBlock
-from .local_self_attention import (
-    ATTENTION_BACKENDS,
-    LocalSelfAttention,
-    LocalSelfAttentionBlock,
-    local_attention_torch,
-    register_attention_backend,
-    relative_axis_groups,
-    scale_query_init,
-    window_offsets,
-)
+from .local_self_attention import *  # noqa: F403
+from .local_self_attention import __all__ as _local_self_attention_names
 from .nystrom_attention import NystromAttention
 from .performer_attention import PerformerAttention
 from .reattention import ReAttention, ReAttentionTransformerBlock
 from .token_attention import TokenAttention
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "ClassAttention",
     "ClassAttentionBlock",
     "NystromAttention",
@@ -26,11 +18,5 @@ __all__ = [
     "ReAttention",
     "ReAttentionTransformerBlock",
     "TokenAttention",
-    "LocalSelfAttention",
-    "LocalSelfAttentionBlock",
-    "local_attention_torch",
-    "register_attention_backend",
-    "relative_axis_groups",
-    "scale_query_init",
-    "window_offsets",
+    *_local_self_attention_names,
 ]

@@ -26,6 +26,8 @@ from monai.networks.blocks import ADN
 from monai.networks.layers import Conv
 from torch import nn
 
+from networks.arguments import check_spatial_dims
+
 __all__ = [
     "ATTENTION_BACKENDS",
     "LocalSelfAttention",
@@ -290,8 +292,7 @@ class LocalSelfAttention(nn.Module):
         self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, heads: int = 1
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:

@@ -14,6 +14,7 @@ import torch
 from monai.networks.layers import Conv, Norm, Pool
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.nystrom_attention import NystromAttention
 from networks.blocks.performer_attention import PerformerAttention
 
@@ -66,7 +67,35 @@ def _token_attention(
     raise ValueError(f"attention must be one of {HCT_ATTENTIONS}, got {kind!r}.")
 
 
-class PreActBasicBlock(nn.Module):
+class _PreActivationBlock(nn.Module):
+    """What GMIC's pre-activation blocks share: ``a = ReLU(BN1(x))`` and a residual that is ``x``, or
+    ``conv1x1_stride(a)`` (no bias) when ``downsample`` is set. Subclasses add their layers after ``__init__`` and
+    end with ``self.relu`` and ``self.downsample = self._residual_projection(...)``, in the order the blocks always
+    created them (the seeded initial weights stay the same)."""
+
+    relu: nn.Module
+    downsample: nn.Module | None
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int, downsample: bool) -> None:
+        super().__init__()
+        if not downsample and (stride != 1 or in_channels != out_channels):
+            raise ValueError("a block that changes stride or width needs downsample=True.")
+        self.bn1 = Norm[Norm.BATCH, spatial_dims](in_channels)
+
+    @staticmethod
+    def _residual_projection(
+        spatial_dims: int, in_channels: int, out_channels: int, stride: int, downsample: bool
+    ) -> nn.Module | None:
+        conv_type = Conv[Conv.CONV, spatial_dims]
+        return conv_type(in_channels, out_channels, 1, stride=stride, bias=False) if downsample else None
+
+    def _preactivate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, residual)`` for input ``(B, in_channels, *S)``."""
+        out = self.relu(self.bn1(x))
+        return out, (x if self.downsample is None else self.downsample(out))
+
+
+class PreActBasicBlock(_PreActivationBlock):
     """Pre-activation residual basic block (ResNet v2) in GMIC's style.
 
     ``out = conv3x3(ReLU(BN(conv3x3_stride(a)))) + residual`` with ``a = ReLU(BN(x))``; the residual is
@@ -86,27 +115,23 @@ class PreActBasicBlock(nn.Module):
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1, downsample: bool = False
     ) -> None:
-        super().__init__()
-        if not downsample and (stride != 1 or in_channels != out_channels):
-            raise ValueError("a block that changes stride or width needs downsample=True.")
+        super().__init__(spatial_dims, in_channels, out_channels, stride, downsample)
         conv_type = Conv[Conv.CONV, spatial_dims]
         norm_type = Norm[Norm.BATCH, spatial_dims]
-        self.bn1 = norm_type(in_channels)
         self.conv1 = conv_type(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn2 = norm_type(out_channels)
         self.conv2 = conv_type(out_channels, out_channels, 3, padding=1, bias=False)
         self.relu = nn.ReLU()
-        self.downsample = conv_type(in_channels, out_channels, 1, stride=stride, bias=False) if downsample else None
+        self.downsample = self._residual_projection(spatial_dims, in_channels, out_channels, stride, downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(x))
-        residual = x if self.downsample is None else self.downsample(out)
+        out, residual = self._preactivate(x)
         out = self.conv1(out)
         out = self.conv2(self.relu(self.bn2(out)))
         return out + residual
 
 
-class AttentionConvBlock(nn.Module):
+class AttentionConvBlock(_PreActivationBlock):
     """HCT Attention-Convolution (AC) block: a pre-activation basic block whose first convolution is attention.
 
     ``a = ReLU(BN1(x))``; ``h = attention(a as tokens) + x``; ``out = conv3x3_stride(ReLU(BN2(h))) + residual``,
@@ -134,21 +159,17 @@ class AttentionConvBlock(nn.Module):
         stride: int = 1,
         downsample: bool = False,
     ) -> None:
-        super().__init__()
-        if not downsample and (stride != 1 or in_channels != out_channels):
-            raise ValueError("a block that changes stride or width needs downsample=True.")
+        super().__init__(spatial_dims, in_channels, out_channels, stride, downsample)
         conv_type = Conv[Conv.CONV, spatial_dims]
         norm_type = Norm[Norm.BATCH, spatial_dims]
-        self.bn1 = norm_type(in_channels)
         self.attention = attention
         self.bn2 = norm_type(in_channels)
         self.conv = conv_type(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.relu = nn.ReLU()
-        self.downsample = conv_type(in_channels, out_channels, 1, stride=stride, bias=False) if downsample else None
+        self.downsample = self._residual_projection(spatial_dims, in_channels, out_channels, stride, downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(x))
-        residual = x if self.downsample is None else self.downsample(out)
+        out, residual = self._preactivate(x)
         tokens = out.flatten(2).transpose(1, 2)  # (B, N, C)
         out = self.attention(tokens).transpose(1, 2).reshape(x.shape) + x
         out = self.conv(self.relu(self.bn2(out)))
@@ -204,8 +225,7 @@ class HCT(nn.Module):
         pinv_iterations: int = 6,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         channels, blocks, strides = tuple(channels), tuple(blocks), tuple(strides)
         if not (len(channels) == len(blocks) == len(strides)) or len(channels) == 0:
             raise ValueError(

@@ -12,6 +12,7 @@ from monai.networks.blocks import ChannelSELayer, Convolution
 from monai.networks.layers import Conv, DropPath
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.class_attention import ClassAttentionBlock
 
 __all__ = ["PatchConvNet", "PatchConvBlock", "ChannelsFirstLayerNorm", "patch_conv_stem"]
@@ -132,8 +133,7 @@ class PatchConvNet(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         if depth < 0:
             raise ValueError(f"depth must be non-negative, got {depth}.")
         if not 0.0 <= drop_path_rate <= 1.0:

@@ -10,6 +10,7 @@ from monai.networks.layers import Pool
 from monai.networks.nets import FullyConnectedNet
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.local_self_attention import LocalSelfAttentionBlock
 
 __all__ = ["SaDNNCls"]
@@ -53,8 +54,7 @@ class SaDNNCls(nn.Module):
         heads: int = 1,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         channels = tuple(int(c) for c in channels)
         pools = tuple(bool(p) for p in pools)
         if not channels:

@@ -9,6 +9,7 @@ import torch
 from monai.networks.layers import Dropout, Pool
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.local_self_attention import LocalSelfAttention, LocalSelfAttentionBlock
 
 __all__ = ["SaDNNSeg"]
@@ -60,8 +61,7 @@ class SaDNNSeg(nn.Module):
         heads: int = 1,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         features = tuple(int(f) for f in features)
         if len(features) != 5 or min(features) < 1:
             raise ValueError(f"features must be five positive widths (f0, f1, f2, f3, f4), got {features!r}.")

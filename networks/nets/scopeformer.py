@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.networks import nets as monai_nets
 from monai.networks.layers import Conv, Pool
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks import nets as monai_nets
 from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from networks.arguments import check_spatial_dims
 from networks.blocks.reattention import ReAttentionTransformerBlock
 
 __all__ = [
@@ -261,8 +262,7 @@ class Scopeformer(nn.Module):
         backbone_norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        check_spatial_dims(spatial_dims)
         if mode not in SCOPEFORMER_MODES:
             raise ValueError(f"mode must be one of {SCOPEFORMER_MODES}, got {mode!r}.")
         backbones = tuple(backbones)

@@ -20,6 +20,8 @@ from __future__ import annotations
 from monai.networks.layers import DropPath
 from torch import nn
 
+from networks.type_lookup import lookup_by_type
+
 __all__ = ["register_float_compute", "float_compute_reasons", "describe_float_parts"]
 
 _REASONS: dict[type, str] = {}
@@ -78,13 +80,6 @@ def float_compute_reasons() -> dict[type, str]:
     return dict(_REASONS)
 
 
-def _reason_for(module: nn.Module) -> str | None:
-    for cls in type(module).__mro__:
-        if cls in _REASONS:
-            return _REASONS[cls]
-    return None
-
-
 def describe_float_parts(model: nn.Module, quantized_types: tuple[type, ...]) -> dict[str, object]:
     """What of ``model`` is float: ``{"float_layers": {type name: count}, "float_compute": {type name:
     {"modules": [qualified names], "reason": why}}}``.
@@ -98,7 +93,7 @@ def describe_float_parts(model: nn.Module, quantized_types: tuple[type, ...]) ->
     def visit(prefix: str, module: nn.Module) -> None:
         if isinstance(module, quantized_types):
             return
-        reason = _reason_for(module)
+        reason = lookup_by_type(_REASONS, module)
         if reason is not None:
             entry = float_compute.setdefault(type(module).__name__, {"modules": [], "reason": reason})
             entry["modules"].append(prefix or "<root>")

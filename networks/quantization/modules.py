@@ -14,6 +14,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from networks.arguments import check_spatial_dims
+
 __all__ = ["QuantizedLeaf", "QuantizedLocalSelfAttention"]
 
 
@@ -101,8 +103,7 @@ class QuantizedLocalSelfAttention(nn.Module):
         relu: bool = False,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
         out_channels = int(query.out_channels)
         for label, tensor in (("output_scale", output_scale), ("output_shift", output_shift)):
             if tensor is not None and tuple(tensor.shape) != (out_channels,):

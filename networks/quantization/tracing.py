@@ -13,6 +13,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from networks.arguments import check_spatial_dims
+
 __all__ = ["TraceableMaxUnpool", "traceable_copy"]
 
 
@@ -25,8 +27,7 @@ class TraceableMaxUnpool(nn.Module):
 
     def __init__(self, spatial_dims: int, kernel_size, stride, padding) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
 
         def expand(value) -> List[int]:
             return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * spatial_dims
