@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from monailabel_app.lib.batch.runner import run_batch
     from monailabel_app.lib.batch.sources import DatastoreSource
     from monailabel_app.lib.serving.pool import machine_cores
-    from tests.server_fixture import copy_sample_datastore
+    from sample_data.datastore_copy import copy_sample_datastore
 
     order = []
     for repeat in range(args.repeats):  # ABBA...: a drift in the shared machine's load hits both alike

@@ -153,7 +153,8 @@ def measure(urls: dict[str, str], model: str, image: str, clients: list[int], ro
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from contextlib import ExitStack
 
-    from tests.server_fixture import copy_sample_datastore, start_server
+    from monailabel_app.launcher import start_server
+    from sample_data.datastore_copy import copy_sample_datastore
 
     studies = copy_sample_datastore(work / "studies", images=(args.image,))
     deadline = time.monotonic() + args.max_seconds

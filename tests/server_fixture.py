@@ -7,8 +7,9 @@
     with start_server(studies, {"models": "all", "model_dir": str(tmp_path / "models")}) as server:
         info = server.get("/info/").json()
 
-The launcher itself (:func:`start_server`, :class:`ServerHandle`) is :mod:`monailabel_app.launcher`; this module adds
-the sample datastore copies and the fixtures (import them into a test module):
+The launcher itself (:func:`start_server`, :class:`ServerHandle`) is :mod:`monailabel_app.launcher` and the datastore
+copies :mod:`sample_data.datastore_copy` (the benchmarks use both too); this module adds the fixtures (import them
+into a test module):
 
 - ``sample_studies`` (module scope): a fresh copy of the sample liver datastore (built with :mod:`sample_data`);
 - ``monailabel_server`` (module scope): the server on ``sample_studies`` with ``--conf models all`` and a private
@@ -17,17 +18,17 @@ the sample datastore copies and the fixtures (import them into a test module):
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from monailabel_app.launcher import APP_DIR, REPO_ROOT, VENV_BIN, ServerHandle, ServerStartError, free_port, start_server
+from sample_data.datastore_copy import copy_sample_datastore
 
 __all__ = [
+    "REPO_ROOT",
+    "VENV_BIN",
     "APP_DIR",
     "ServerHandle",
     "ServerStartError",
@@ -38,53 +39,6 @@ __all__ = [
     "monailabel_server",
     "sample_server_fixture",
 ]
-
-
-_PRISTINE: Path | None = None
-
-
-def _pristine_sample_datastore() -> Path:
-    """The sample liver datastore built afresh by this test process into a temporary folder (once; ~3 s), never
-    ``.data/datastore/liver``, which ``make serve`` users write labels and images into."""
-    global _PRISTINE
-    if _PRISTINE is None or not _PRISTINE.is_dir():
-        import atexit
-
-        from sample_data import build_datastore
-
-        root = Path(tempfile.mkdtemp(prefix="medattn_pristine_datastore_"))
-        atexit.register(shutil.rmtree, root, True)
-        _PRISTINE = Path(build_datastore(("liver",), root / "liver").path)
-    return _PRISTINE
-
-
-def copy_sample_datastore(destination: str | os.PathLike, images: Sequence[str] | None = None) -> Path:
-    """Copy the sample liver datastore (built by :mod:`sample_data` from the fetched sample data into a private
-    temporary folder, not the user's ``.data/datastore/liver``) to ``destination``.
-
-    Args:
-        destination: new folder (must not exist or be empty).
-        images: image ids to keep (default all); their ``labels/final`` files come along.
-
-    Returns:
-        the copy, ready to pass as ``--studies``.
-    """
-    source = _pristine_sample_datastore()
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    (destination / "labels" / "final").mkdir(parents=True, exist_ok=True)
-    for image in sorted(source.glob("*.nii.gz")):
-        image_id = image.name[: -len(".nii.gz")]
-        if images is not None and image_id not in images:
-            continue
-        shutil.copy2(image, destination / image.name)
-        label = source / "labels" / "final" / image.name
-        if label.exists():
-            shutil.copy2(label, destination / "labels" / "final" / image.name)
-    notes = source / "datastore_notes.json"
-    if notes.exists():
-        shutil.copy2(notes, destination / notes.name)
-    return destination
 
 
 @pytest.fixture(scope="module")

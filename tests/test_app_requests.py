@@ -234,7 +234,7 @@ def test_runtime_output_is_outside_the_source_tree_and_ignored():
 def test_tests_use_a_pristine_datastore_not_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import sample_data
     from sample_data.paths import default_data_dir
-    from tests import server_fixture
+    from sample_data import datastore_copy
 
     built = []
     real_build = sample_data.build_datastore
@@ -245,8 +245,8 @@ def test_tests_use_a_pristine_datastore_not_the_users(tmp_path: Path, monkeypatc
         return result
 
     monkeypatch.setattr(sample_data, "build_datastore", recording_build)
-    monkeypatch.setattr(server_fixture, "_PRISTINE", None)
-    copy = server_fixture.copy_sample_datastore(tmp_path / "studies")
+    monkeypatch.setattr(datastore_copy, "_PRISTINE", None)
+    copy = datastore_copy.copy_sample_datastore(tmp_path / "studies")
     # built afresh outside the user's .data/datastore (which `make serve` users label into), then copied
     assert built and all(not p.is_relative_to(default_data_dir()) and not p.is_relative_to(REPO_ROOT) for p in built)
     assert not list((copy / "labels" / "final").glob("CTChest4*"))  # as built: CTChest4 unlabelled
