@@ -12,6 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from monailabel_app.lib.app_config import MODEL_NAMES, AppConfig
+from monailabel_app.lib.infers.base import ServedModel
 from monailabel_app.lib.model_store import MODEL_SPECS, ModelFiles, ModelSpec, NetworkCache
 
 __all__ = ["FamilyConfig"]
@@ -54,9 +55,9 @@ class FamilyConfig(TaskConfig):
             tasks[name] = self.make_infer(name, precision)
         return tasks
 
-    def infer_arguments(self, name: str, precision: str) -> dict[str, Any]:
-        """Keyword arguments every family's infer task takes (:class:`~monailabel_app.lib.infers.base.AppInferTask`)."""
-        return dict(
+    def served_model(self, name: str, precision: str) -> ServedModel:
+        """What every family's infer task takes about the network it serves as ``name``."""
+        return ServedModel(
             name=name,
             spec=self.spec,
             files=self.files,

@@ -22,7 +22,7 @@ class ClassificationConfig(FamilyConfig):
     def make_infer(self, name: str, precision: str) -> InferTask:
         default = self.spec.default_explanation or self.spec.explanations[0]
         return ClassificationInfer(
-            **self.infer_arguments(name, precision),
+            self.served_model(name, precision),
             rise_masks=self.app_config.rise_masks,
             explanations=check_explanations(self.spec.explanations, default),
             default_explanation=default,

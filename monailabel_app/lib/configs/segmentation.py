@@ -18,7 +18,7 @@ class SegmentationConfig(FamilyConfig):
 
     def make_infer(self, name: str, precision: str) -> InferTask:
         return SegmentationInfer(
-            **self.infer_arguments(name, precision),
+            self.served_model(name, precision),
             batch_size=self.app_config.batch_size,
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from monailabel_app.lib.image_io import ImageHeader, check_finite_nifti, read_he
 from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache, file_version, load_network
 from monailabel_app.lib.preprocess import Preprocessing
 
-__all__ = ["AppInferTask", "served_labels"]
+__all__ = ["AppInferTask", "ServedModel", "served_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ def served_labels(model_labels: dict[str, int], app_labels: dict[str, int]) -> d
     return {name: int(app_labels.get(name, index)) for name, index in sorted(model_labels.items(), key=lambda kv: kv[1])}
 
 
-class AppInferTask(BasicInferTask):
-    """Base of the app's infer tasks.
+@dataclass(frozen=True)
+class ServedModel:
+    """One served model: what every infer task needs to know about the network it serves.
 
-    Args:
+    Attributes:
         name: served model name (``sadnn_seg_int8``).
         spec: the network family.
         files: where its files live.
@@ -41,43 +43,48 @@ class AppInferTask(BasicInferTask):
         twin: name of the same network in the other precision, if served.
         default: whether clients should pick this model first.
         modality: ``"auto"``, ``"ct"`` or ``"mr"`` (overrides the model's preprocessing).
+    """
+
+    name: str
+    spec: ModelSpec
+    files: ModelFiles
+    precision: str
+    cache: NetworkCache
+    app_labels: dict[str, int] = field(default_factory=dict)
+    twin: str | None = None
+    default: bool = False
+    modality: str = "auto"
+
+
+class AppInferTask(BasicInferTask):
+    """Base of the app's infer tasks.
+
+    Args:
+        model: the served model.
         infer_type: MONAI Label infer type.
         config: extra user-visible request parameters.
     """
 
-    def __init__(
-        self,
-        name: str,
-        spec: ModelSpec,
-        files: ModelFiles,
-        precision: str,
-        cache: NetworkCache,
-        app_labels: dict[str, int],
-        twin: str | None,
-        default: bool,
-        modality: str,
-        infer_type: InferType,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        self.name = name
-        self.spec = spec
-        self.files = files
-        self.precision = precision
-        self.cache = cache
-        self.app_labels = dict(app_labels)
-        self.twin = twin
-        self.default = default
-        self.modality = modality
+    def __init__(self, model: ServedModel, infer_type: InferType, config: dict[str, Any] | None = None) -> None:
+        self.name = model.name
+        self.spec = model.spec
+        self.files = model.files
+        self.precision = model.precision
+        self.cache = model.cache
+        self.app_labels = dict(model.app_labels)
+        self.twin = model.twin
+        self.default = model.default
+        self.modality = model.modality
         labels = self._labels_from_metadata(self._current_metadata())
-        precision_text = "INT8" if precision == "int8" else "FP32"
+        precision_text = "INT8" if model.precision == "int8" else "FP32"
         super().__init__(
-            path=files.paths(precision),
+            path=model.files.paths(model.precision),
             network=None,
             type=infer_type,
             labels=labels,
-            dimension=spec.spatial_dims,
-            description=f"{spec.description} [{precision_text}]",
-            config={"device": "cpu", "modality": modality, **(config or {})},
+            dimension=model.spec.spatial_dims,
+            description=f"{model.spec.description} [{precision_text}]",
+            config={"device": "cpu", "modality": model.modality, **(config or {})},
             load_strict=False,
         )
 

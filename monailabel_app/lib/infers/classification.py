@@ -18,8 +18,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel_app.lib.errors import BadInputError, NotFoundError
 from monailabel_app.lib.explanations import NEEDS_EAGER_FP32, explanation_map, resolve_explanation
 from monailabel_app.lib.image_io import write_on_grid
-from monailabel_app.lib.infers.base import AppInferTask
-from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache, file_version, load_eager_network
+from monailabel_app.lib.infers.base import AppInferTask, ServedModel
+from monailabel_app.lib.model_store import file_version, load_eager_network
 from monailabel_app.lib.transforms.resample import ResampleToInputGridd
 
 __all__ = ["ClassificationInfer", "axial_axis", "working_slice_index"]
@@ -68,15 +68,7 @@ class ClassificationInfer(AppInferTask):
 
     def __init__(
         self,
-        name: str,
-        spec: ModelSpec,
-        files: ModelFiles,
-        precision: str,
-        cache: NetworkCache,
-        app_labels: dict[str, int],
-        twin: str | None = None,
-        default: bool = False,
-        modality: str = "auto",
+        model: ServedModel,
         rise_masks: int = 256,
         explanations: Sequence[str] = ("rise",),
         default_explanation: str = "rise",
@@ -84,15 +76,7 @@ class ClassificationInfer(AppInferTask):
         self.explanations = tuple(explanations)
         self.default_explanation = default_explanation
         super().__init__(
-            name,
-            spec,
-            files,
-            precision,
-            cache,
-            app_labels,
-            twin,
-            default,
-            modality,
+            model,
             InferType.CLASSIFICATION,
             config={
                 "slice": -1,

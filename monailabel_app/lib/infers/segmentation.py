@@ -17,8 +17,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel_app.lib.comparison import OverUnderd
 from monailabel_app.lib.errors import BadInputError
 from monailabel_app.lib.image_io import read_array_on_grid, voxel_volume_ml, write_on_grid
-from monailabel_app.lib.infers.base import AppInferTask, served_labels
-from monailabel_app.lib.model_store import ModelFiles, ModelSpec, NetworkCache
+from monailabel_app.lib.infers.base import AppInferTask, ServedModel, served_labels
 from monailabel_app.lib.transforms.postprocess import ForegroundProbabilitiesd, ProbabilitiesToLabeld
 from monailabel_app.lib.transforms.resample import ResampleToInputGridd
 
@@ -41,32 +40,12 @@ class SegmentationInfer(AppInferTask):
 
     Args:
         batch_size: default slices per network call.
-        others: see :class:`~monailabel_app.lib.infers.base.AppInferTask`.
+        model: the served model (:class:`~monailabel_app.lib.infers.base.ServedModel`).
     """
 
-    def __init__(
-        self,
-        name: str,
-        spec: ModelSpec,
-        files: ModelFiles,
-        precision: str,
-        cache: NetworkCache,
-        app_labels: dict[str, int],
-        twin: str | None = None,
-        default: bool = False,
-        modality: str = "auto",
-        batch_size: int = 16,
-    ) -> None:
+    def __init__(self, model: ServedModel, batch_size: int = 16) -> None:
         super().__init__(
-            name,
-            spec,
-            files,
-            precision,
-            cache,
-            app_labels,
-            twin,
-            default,
-            modality,
+            model,
             InferType.SEGMENTATION,
             config={"reference": "", "reference_label": "", "largest_component": True, "sw_batch_size": batch_size},
         )
