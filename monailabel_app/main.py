@@ -93,7 +93,11 @@ class MedAttnSlicerApp(MONAILabelApp):
     # ----- MONAI Label initialisation -----
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            # our DICOMweb datastore (lib/dicomweb): never downloads dcmqi, stops start-up if the PACS is unreachable
+            from monailabel_app.lib.dicomweb import pacs_datastore
+
+            self.studies = self.studies.strip().rstrip("/")
+            return pacs_datastore(self.studies, self.conf, dict(self.app_config.labels))
         return SafeLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
