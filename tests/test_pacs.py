@@ -7,6 +7,7 @@ rejects, a PACS that goes down."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -240,6 +241,43 @@ def test_training_fetches_labelled_series_and_their_segs(orthanc_pacs, tmp_path)
     stack = seg.get_pixels_by_source_instance(uids, segment_numbers=[numbers["liver"], numbers["label 2"]])
     expected = np.where(stack[..., 1] > 0, 2, np.where(stack[..., 0] > 0, 1, 0))
     assert np.array_equal(sitk.GetArrayFromImage(label), expected)
+
+
+def test_comparison_map_as_seg_with_its_colours(pacs_server, orthanc_pacs, tmp_path) -> None:
+    """An over/under map submitted with ``{"comparison": true}`` becomes a SEG of agreement/over/under segments in
+    white, green and red; the server never deletes a SEG from the PACS."""
+    from monailabel_app.lib.comparison import COMPARISON_COLOURS
+    from monailabel_app.lib.dicomweb.seg import rgb_to_dicom_lab
+
+    files = prepare_sample_series(tmp_path / "third_ct", copy_name="third")
+    orthanc_pacs.orthanc.upload(files)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    answer = pacs_server.post(
+        f"/infer/sadnn_seg_int8?image={orthanc_pacs.ct_series}&output=image",
+    )
+    grid = _nifti(answer.content, tmp_path, "grid.nii.gz")
+    values = np.zeros(sitk.GetArrayFromImage(grid).shape, np.uint8)
+    values[2:5, 100:200, 100:200] = 1
+    values[6:8, 100:200, 100:200] = 2
+    values[9:12, 300:350, 300:350] = 3
+    comparison = sitk.GetImageFromArray(values)
+    comparison.CopyInformation(grid)
+    sitk.WriteImage(comparison, str(tmp_path / "over_under.nii.gz"))
+    with open(tmp_path / "over_under.nii.gz", "rb") as handle:
+        saved = pacs_server.put(
+            "/datastore/label",
+            params={"image": series, "tag": "final"},
+            data={"params": json.dumps({"comparison": True})},
+            files={"label": ("over_under.nii.gz", handle)},
+        )
+    assert saved.status_code == 200, saved.text
+    (seg,) = _segs_of(orthanc_pacs, series)
+    colours = {str(d.SegmentLabel): list(d.RecommendedDisplayCIELabValue) for d in seg.SegmentSequence}
+    assert colours == {name: rgb_to_dicom_lab(c["rgb"]) for name, c in COMPARISON_COLOURS.items()}
+    assert colours["agreement"][0] == 65535  # white: full lightness
+    refused = pacs_server.delete("/datastore/label", params={"id": series, "tag": "final"})
+    assert refused.status_code == 422 and "PACS" in refused.json()["detail"]
+    assert len(_segs_of(orthanc_pacs, series)) == 1
 
 
 def test_unreachable_pacs_stops_start_up_naming_the_url(tmp_path) -> None:
