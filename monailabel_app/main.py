@@ -86,7 +86,7 @@ class MedAttnSlicerApp(MONAILabelApp):
             name="MedAttnSlicer",
             description="Self-attentive networks (SaDNN) with INT8 inference on ordinary CPUs",
             version="0.1.0",
-            labels=dict(self.app_config.labels),
+            labels=[name for name, _ in sorted(self.app_config.labels.items(), key=lambda item: item[1])],
         )
         self._auto_update_scoring = self.app_config.auto_update_scoring
 

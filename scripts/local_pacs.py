@@ -203,6 +203,10 @@ class Orthanc:
             "RegisteredUsers": self.users,
             "Plugins": plugins,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+            # OHIF loads every frame in parallel through MONAI Label's proxy, which opens a connection per request
+            # and leaves it open: with Orthanc's defaults (50 threads, keep-alive) new connections were refused
+            "HttpThreadsCount": 200,
+            "KeepAlive": False,
         }
         self.proc: subprocess.Popen | None = None
 

@@ -85,8 +85,9 @@ def make_client(url: str, credentials: PacsCredentials, timeout: float = 60.0, s
         stow_url_prefix=getattr(settings, "MONAI_LABEL_STOW_PREFIX", None),
     )
     # dicomweb-client retries every failed request (connection errors too) 5 times with exponential back-off: 30 s
-    # per request while the PACS is down. Once more after 0.5 s is enough to ride out a blip.
-    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
+    # per request while the PACS is down. Three retries within ~3.5 s ride out a busy PACS refusing connections (OHIF
+    # loading frames through MONAI Label's proxy at the same time did that to Orthanc) without hanging requests.
+    client.set_http_retry_params(retry=True, max_attempts=4, wait_exponential_multiplier=250)
     return client
 
 
