@@ -181,6 +181,26 @@ def test_final_label_goes_to_the_pacs_as_seg_and_reads_back_voxel_for_voxel(
     assert unlabelled_before - {orthanc_pacs.ct_series} == {second_ct}
 
 
+def test_training_on_the_pacs_labels_publishes_new_weights(pacs_server, orthanc_pacs) -> None:
+    """``POST /train/sadnn_seg``: the training subprocess opens the PACS datastore itself, trains on the series whose
+    SEG is in the PACS, re-quantises and publishes; the served INT8 model changes without a restart."""
+    if not _segs_of(orthanc_pacs, orthanc_pacs.ct_series):
+        pytest.skip("needs the final label submitted by the round-trip test of this module")
+    before = pacs_server.get("/model/info/sadnn_seg_int8").json()["checksum"]
+    request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.0, "calibration_slices": 8}
+    started = pacs_server.post("/train/sadnn_seg", json=request)
+    assert started.status_code == 200, started.text
+    status = pacs_server.wait_for_training()
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    stats = pacs_server.get("/info/").json()["train_stats"]["sadnn_seg"]
+    assert stats["status"] == "PUBLISHED" and stats["train_images"] == [orthanc_pacs.ct_series]
+    assert pacs_server.get("/model/info/sadnn_seg_int8").json()["checksum"] != before
+    answer = pacs_server.post(f"/infer/sadnn_seg_int8?image={orthanc_pacs.ct_series}&output=json")
+    assert (
+        answer.status_code == 200 and answer.json()["model_version"]["sha256"] == stats["published"]["int8"]["sha256"]
+    )
+
+
 def test_original_label_stays_local(pacs_server, orthanc_pacs, second_ct, tmp_path) -> None:
     answer = pacs_server.post(f"/infer/sadnn_seg_int8?image={second_ct}&output=image")
     assert answer.status_code == 200, answer.text
