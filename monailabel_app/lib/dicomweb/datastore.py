@@ -42,13 +42,12 @@ from monailabel_app.lib.dicomweb.seg import comparison_specs, read_seg, segment_
 from monailabel_app.lib.dicomweb.series import check_series_attributes, series_to_nifti
 from monailabel_app.lib.errors import BadInputError, NotFoundError
 
-__all__ = ["PacsDatastore", "PacsStartError", "pacs_datastore", "pacs_modalities"]
+__all__ = ["PacsDatastore", "PacsStartError"]
 
 logger = logging.getLogger(__name__)
 
 _FINAL = "final"
 _ORDER_FILE = "slice_order.json"
-_MODALITIES_OF = {"auto": ("CT", "MR"), "ct": ("CT",), "mr": ("MR",)}
 # QIDO fields asked for with every series
 _SERIES_FIELDS = [
     "StudyInstanceUID",
@@ -70,14 +69,6 @@ def _no_bulk_data(*_: Any) -> None:
 
 class PacsStartError(RuntimeError):
     """The PACS did not answer at start-up (the message names the URL and why)."""
-
-
-def pacs_modalities(conf: dict[str, Any]) -> tuple[str, ...]:
-    """Modalities listed and accepted: ``--conf pacs_modalities CT,MR``, else those of ``--conf modality``."""
-    text = str(conf.get("pacs_modalities") or "").strip()
-    if text:
-        return tuple(dict.fromkeys(m.strip().upper() for m in text.split(",") if m.strip()))
-    return _MODALITIES_OF.get(str(conf.get("modality") or "auto").lower(), _MODALITIES_OF["auto"])
 
 
 def _value(ds: dict, keyword: str) -> str:
@@ -498,35 +489,3 @@ class PacsDatastore(SafeLocalDatastore):
             if image and label:
                 items.append({"image": image, "label": label})
         return items
-
-
-def pacs_datastore(url: str, conf: dict[str, Any], labels: dict[str, int]) -> PacsDatastore:
-    """The datastore ``monailabel start_server --studies <url>`` gets: credentials and cache folder from MONAI
-    Label's settings (``MONAI_LABEL_DATASTORE_USERNAME`` / ``_PASSWORD`` / ``_API_KEY``,
-    ``MONAI_LABEL_DATASTORE_CACHE_PATH``; default ``$MEDATTN_DATA_DIR/pacs_cache/<hash of the URL>``), modalities
-    from ``conf`` (:func:`pacs_modalities`). Never downloads anything.
-
-    Raises:
-        PacsStartError: the PACS does not answer.
-    """
-    import hashlib
-
-    from monailabel.config import settings
-
-    url = url.strip().rstrip("/")
-    cache_root = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
-    if not cache_root:
-        from sample_data.paths import default_data_dir
-
-        cache_root = str(default_data_dir() / "pacs_cache")
-    cache_dir = os.path.join(os.path.expanduser(cache_root), hashlib.sha256(url.encode()).hexdigest()[:16])
-    logger.info(f"PACS datastore {url}: modalities {pacs_modalities(conf)}, cache {cache_dir}")
-    return PacsDatastore(
-        url,
-        cache_dir,
-        pacs_modalities(conf),
-        labels,
-        credentials=PacsCredentials.from_settings(settings),
-        timeout=float(settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT or 30.0) * 2,
-        settings=settings,
-    )
