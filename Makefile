@@ -20,6 +20,19 @@ serve: data
 	PATH="$(CURDIR)/.venv/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" .venv/bin/monailabel start_server \
 		--app monailabel_app --studies .data/datastore/liver --host $(HOST) --port $(PORT)
 
+# the app on a local PACS: Orthanc (Debian orthanc + orthanc-dicomweb) on 127.0.0.1:$(PACS_PORT) holding the sample DICOM
+# CT (storage in .data/orthanc, kept between runs), and the server with --studies <its DICOMweb URL>; Ctrl-C stops both
+PACS_PORT ?= 8042
+.PHONY: serve-pacs
+serve-pacs: data
+	@set -e; ready=$$(mktemp -u); \
+	$(PY) scripts/local_pacs.py --port $(PACS_PORT) --storage .data/orthanc --ready-file $$ready & pacs=$$!; \
+	trap 'kill $$pacs 2>/dev/null || true' EXIT INT TERM; \
+	for i in $$(seq 120); do [ -s $$ready ] && break; kill -0 $$pacs 2>/dev/null || exit 1; sleep 0.5; done; \
+	[ -s $$ready ] || { echo "serve-pacs: Orthanc did not start"; exit 1; }; \
+	PATH="$(CURDIR)/.venv/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" .venv/bin/monailabel start_server \
+		--app monailabel_app --studies "$$(cat $$ready)" --host $(HOST) --port $(PORT)
+
 # retrain the weights bundled in monailabel_app/model (fixed seeds; writes bundled_weights.json with held-out Dice)
 .PHONY: weights
 weights: data

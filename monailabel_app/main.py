@@ -94,14 +94,18 @@ class MedAttnSlicerApp(MONAILabelApp):
             name="MedAttnSlicer",
             description="Self-attentive networks (SaDNN) with INT8 inference on ordinary CPUs",
             version="0.1.0",
-            labels=dict(self.app_config.labels),
+            labels=[name for name, _ in sorted(self.app_config.labels.items(), key=lambda item: item[1])],
         )
         self._auto_update_scoring = self.app_config.auto_update_scoring
 
     # ----- MONAI Label initialisation -----
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            # our DICOMweb datastore (lib/dicomweb): never downloads dcmqi, stops start-up if the PACS is unreachable
+            from monailabel_app.lib.dicomweb import pacs_datastore
+
+            self.studies = self.studies.strip().rstrip("/")
+            return pacs_datastore(self.studies, self.conf, dict(self.app_config.labels))
         return SafeLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,

@@ -37,6 +37,8 @@ CONF_HELP = {
     "batch_size": "slices per network call (default 16)",
     "rise_masks": "RISE masks per explanation map (default 256)",
     "threads": "torch CPU threads (default: torch's choice)",
+    "pacs_modalities": "with a DICOMweb --studies URL: modalities listed and accepted, e.g. 'CT' or 'CT,MR' (default: "
+    "those of --conf modality: CT and MR for auto)",
     "auto_update_scoring": "'true' to rerun every scoring method after training/active learning (default false)",
     **SERVING_CONF_HELP,
 }

@@ -5,6 +5,7 @@ the label is written on the input image's exact grid; optional over/under-segmen
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -181,7 +182,7 @@ class SegmentationInfer(AppInferTask):
     def writer(self, data, extension=None, dtype=None):
         pred = data["pred"]
         pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-        path = write_on_grid(pred, data["_header"], dtype=np.uint8)
+        path = write_on_grid(pred, data["_header"], dtype=np.uint8, **_result_file(data.get("result_extension")))
         result = dict(data.get("result") or {})
         result.update(self.model_result(data))
         result["labels"] = self.labels
@@ -192,3 +193,15 @@ class SegmentationInfer(AppInferTask):
             result["volumes_ml"] = {name: round(n * ml, 3) for name, n in counts.items()}
             result["voxels"] = counts
         return path, result
+
+
+def _result_file(extension: str | None) -> dict:
+    """``write_on_grid`` arguments for a requested ``result_extension``: ``.nrrd`` (OHIF's MONAI Label panel asks for
+    it and cannot read NIfTI; written uncompressed, the form tests/test_ohif.py checks) or the default gzipped NIfTI."""
+    if str(extension or "").lower() != ".nrrd":
+        return {}
+    import tempfile
+
+    handle, path = tempfile.mkstemp(suffix=".nrrd", prefix="medattn_")
+    os.close(handle)
+    return {"path": path, "compress": False}
