@@ -2,7 +2,7 @@
 """Segment a whole archive without a client: every image of a datastore (or the unlabelled ones, or a list) gets a
 label file in an output folder.
 
-    python -m monailabel_app.batch_infer --studies DIR --model sadnn_seg_int8 --out DIR \\
+    python -m monailabel_app.batch_infer --studies DIR_OR_DICOMWEB_URL --model sadnn_seg_int8 --out DIR \\
         [--images all|unlabeled|id1,id2] [--workers N] [--threads T] [--model-dir DIR]
 
 A progress bar (tqdm) shows images done, failures and the ETA. Stopping it (Ctrl-C) and running the same command
@@ -30,7 +30,7 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m monailabel_app.batch_infer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", required=True, help="datastore: a folder of NIfTI/NRRD images")
+    parser.add_argument("--studies", required=True, help="datastore: a folder of NIfTI/NRRD images, or a PACS DICOMweb URL (http://host/dicom-web)")
     parser.add_argument("--model", required=True, help="served model name, e.g. sadnn_seg_int8")
     parser.add_argument("--out", required=True, help="output folder (<id>.nii.gz and <id>.json per image)")
     parser.add_argument(

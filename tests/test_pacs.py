@@ -8,6 +8,7 @@ rejects, a PACS that goes down."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tests.orthanc import (  # noqa: F401  (fixtures)
     start_pacs,
     start_pacs_server,
 )
-from tests.server_fixture import ServerStartError
+from tests.server_fixture import REPO_ROOT, ServerStartError
 
 pytestmark = pytest.mark.slow
 
@@ -376,3 +377,24 @@ def test_pacs_refusing_credentials_and_then_failing(tmp_path) -> None:
     finally:
         server.stop()
         orthanc.stop()
+
+
+def test_batch_infer_segments_series_straight_from_the_pacs(orthanc_pacs, tmp_path) -> None:
+    """``python -m monailabel_app.batch_infer --studies <DICOMweb URL>``: the series are fetched from the PACS (stored
+    transfer syntax) and each gets a label on its own grid in ``--out``; the secondary capture is not listed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "labels"
+    env = {**os.environ, "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "monailabel_app.batch_infer", "--studies", orthanc_pacs.url,
+         "--model", "sadnn_seg_int8", "--out", str(out)],  # fmt: skip
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((out / "batch_report.json").read_text())
+    assert orthanc_pacs.ct_series in json.dumps(report) and orthanc_pacs.sc_series not in json.dumps(report)
+    label = sitk.ReadImage(str(out / f"{orthanc_pacs.ct_series}.nii.gz"))
+    assert label.GetSize()[2] == len(orthanc_pacs.ct_files)
+    assert int(sitk.GetArrayViewFromImage(label).max()) >= 1  # the liver is found on this abdomen CT

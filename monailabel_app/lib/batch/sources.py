@@ -20,7 +20,7 @@ from monailabel.interfaces.datastore import Datastore
 __all__ = ["URL_OPENER", "DatastoreSource", "open_datastore", "select_images"]
 
 # "module:function" opening a URL (DICOMweb) as a Datastore; None until a DICOMweb datastore is part of the app
-URL_OPENER: str | None = None
+URL_OPENER: str | None = "monailabel_app.lib.dicomweb.factory:open_pacs"
 
 
 def _import(dotted: str) -> Callable[[str], Datastore]:

@@ -12,7 +12,7 @@ from typing import Any
 from monailabel_app.lib.dicomweb.client import PacsCredentials
 from monailabel_app.lib.dicomweb.datastore import PacsDatastore
 
-__all__ = ["pacs_datastore", "pacs_modalities"]
+__all__ = ["open_pacs", "pacs_datastore", "pacs_modalities"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,3 +55,9 @@ def pacs_datastore(url: str, conf: dict[str, Any], labels: dict[str, int]) -> Pa
         timeout=float(settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT or 30.0) * 2,
         settings=settings,
     )
+
+
+def open_pacs(url: str) -> PacsDatastore:
+    """The PACS as a read-only source of images (``python -m monailabel_app.batch_infer --studies <DICOMweb URL>``):
+    every CT and MR series, fetched into the same cache as the server's; the batch writes its labels to ``--out``."""
+    return pacs_datastore(url, {}, {})
