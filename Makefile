@@ -6,7 +6,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup data serve test bench-quick
+.PHONY: setup data serve test bench-quick lint
 setup:
 	@bash scripts/setup_venv.sh
 	@$(PY) networks/kernels/build.py
@@ -57,3 +57,8 @@ test-avx2: setup
 .PHONY: requantize
 requantize: data
 	$(PY) -m monailabel_app.train_bundled --requantize
+
+# lint and format check (ruff, configured in pyproject.toml); .ci/run runs it
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

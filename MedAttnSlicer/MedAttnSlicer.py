@@ -403,11 +403,15 @@ class MedAttnSlicerWidget(
         self.ui.nextSampleButton.enabled = connected and not busy and self.ui.strategyComboBox.count > 0
         self.ui.segmentButton.enabled = connected and not busy and hasVolume and bool(self.segCards)
         self.ui.classifyButton.enabled = connected and not busy and hasVolume and bool(self.clsCards)
-        self.ui.compareButton.enabled = (not busy) and hasVolume and (
-            bool(self.ui.predictionSegmentSelector.currentSegmentID())
-            and bool(self.ui.referenceSegmentSelector.currentSegmentID())
-            if localCompare
-            else connected and bool(self.segCards)
+        self.ui.compareButton.enabled = (
+            (not busy)
+            and hasVolume
+            and (
+                bool(self.ui.predictionSegmentSelector.currentSegmentID())
+                and bool(self.ui.referenceSegmentSelector.currentSegmentID())
+                if localCompare
+                else connected and bool(self.segCards)
+            )
         )
         self.ui.submitButton.enabled = connected and not busy and hasVolume and hasSegmentation
         self.ui.saveSegmentationButton.enabled = hasSegmentation

@@ -49,7 +49,7 @@ def smooth_features(batch: int, in_channels: int, spatial: tuple[int, ...], seed
     """(batch, in_channels, *spatial): a low-pass filtered random image and simple nonlinear features of it."""
     generator = torch.Generator().manual_seed(seed)
     image = torch.randn(batch, 1, *spatial, generator=generator)
-    taps = torch.exp(-torch.arange(-6, 7, dtype=torch.float32) ** 2 / 8)
+    taps = torch.exp(-(torch.arange(-6, 7, dtype=torch.float32) ** 2) / 8)
     taps = taps / taps.sum()
     conv = F.conv2d if len(spatial) == 2 else F.conv3d
     for axis in range(len(spatial)):
@@ -91,7 +91,7 @@ def time_round_robin(functions: dict[str, Callable[[], torch.Tensor]], repeats: 
     times: dict[str, list[float]] = {name: [] for name in functions}
     names = list(functions)
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             start = time.perf_counter()
             functions[name]()
             times[name].append(time.perf_counter() - start)
@@ -130,13 +130,20 @@ def run_config(name, batch, channels, spatial, kernel_size, heads, repeats, thre
         "torch_core": lambda: local_attention_torch(q, k, v, rel, kernel_size, heads)
     }
     for isa in isas:
-        functions[f"fp32_{isa}"] = lambda isa=isa: torch.ops.medattn._local_attention_isa(q, k, v, rel, kernel_size,
-                                                                                           heads, isa)
+        functions[f"fp32_{isa}"] = lambda isa=isa: torch.ops.medattn._local_attention_isa(
+            q, k, v, rel, kernel_size, heads, isa
+        )
         functions[f"int8_{isa}"] = lambda isa=isa: torch.ops.medattn._local_attention_int8_isa(
             qq, kq, vq, rel, kernel_size, heads, None, None, False, isa
         )
-    result = {"name": name, "shape": [batch, channels, *spatial], "kernel_size": kernel_size, "heads": heads,
-              "repeats": repeats, "isas": isas}
+    result = {
+        "name": name,
+        "shape": [batch, channels, *spatial],
+        "kernel_size": kernel_size,
+        "heads": heads,
+        "repeats": repeats,
+        "isas": isas,
+    }
     for count in threads:
         torch.set_num_threads(count)
         result[f"threads_{count}"] = timing_summary(time_round_robin(functions, repeats), isas, selected)
@@ -165,8 +172,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per core, configuration and thread count")
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run of the script)")
     parser.add_argument("--no-single-thread", action="store_true", help="skip the one-thread control timings")
-    parser.add_argument("--isa", default="", help="comma list of code paths to time (avx512_vnni, avx2, portable); "
-                        "default: every one this CPU has")
+    parser.add_argument(
+        "--isa",
+        default="",
+        help="comma list of code paths to time (avx512_vnni, avx2, portable); default: every one this CPU has",
+    )
     parser.add_argument("--config", default="", help="comma list of configuration names to run (default: all)")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -198,19 +208,23 @@ def main() -> None:
     }
     with torch.inference_mode():
         for config in configs:
-            result = run_config(*config, repeats=args.repeats, threads=threads, isas=isas,
-                                selected=str(implementations["selected_isa"]))
+            result = run_config(
+                *config, repeats=args.repeats, threads=threads, isas=isas, selected=str(implementations["selected_isa"])
+            )
             report["configs"].append(result)
             for count in threads:
                 m, per_isa = result[f"threads_{count}"]["median_seconds"], result[f"threads_{count}"]["isa"]
-                print(f"{result['name']:>12} {str(result['shape']):>20} {count} thr: torch core (fp32 eager) "
-                      f"{m['torch_core'] * 1e3:7.1f} ms", flush=True)
+                print(
+                    f"{result['name']:>12} {str(result['shape']):>20} {count} thr: torch core (fp32 eager) "
+                    f"{m['torch_core'] * 1e3:7.1f} ms",
+                    flush=True,
+                )
                 for isa in isas:
                     r = per_isa[isa]
                     print(
-                        f"{'':>12} {isa:>12}: fp32 {m[f'fp32_{isa}'] * 1e3:7.1f} ms ({r['fp32_time_vs_torch_core']:5.2f}x "
-                        f"torch) | int8 {m[f'int8_{isa}'] * 1e3:7.1f} ms ({r['int8_time_vs_torch_core']:5.2f}x torch, "
-                        f"{r['int8_time_vs_fp32']:4.2f}x fp32)",
+                        f"{'':>12} {isa:>12}: fp32 {m[f'fp32_{isa}'] * 1e3:7.1f} ms "
+                        f"({r['fp32_time_vs_torch_core']:5.2f}x torch) | int8 {m[f'int8_{isa}'] * 1e3:7.1f} ms "
+                        f"({r['int8_time_vs_torch_core']:5.2f}x torch, {r['int8_time_vs_fp32']:4.2f}x fp32)",
                         flush=True,
                     )
             for isa in isas:

@@ -50,7 +50,6 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.attention_core import time_round_robin  # noqa: E402
-
 from networks.nets.hct import HCT, AttentionConvBlock  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +128,17 @@ def measure_peak_memory(attention: str, ladder: Sequence[tuple[int, int]], threa
     )
     ladder_arg = ",".join(f"{h}x{w}" for h, w in ladder)
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hct_resolution", "--memory-child", attention, "--ladder", ladder_arg,
-         "--threads", str(threads)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.hct_resolution",
+            "--memory-child",
+            attention,
+            "--ladder",
+            ladder_arg,
+            "--threads",
+            str(threads),
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -184,7 +192,7 @@ def measure(
         log(f"timing {height} x {width}")
         x = make_input(height, width)
         with torch.no_grad():
-            times = time_round_robin({a: (lambda m=models[a]: m(x)) for a in attentions}, repeats)
+            times = time_round_robin({a: (lambda m=models[a], x=x: m(x)) for a in attentions}, repeats)
         tokens = ac_token_counts(models[attentions[0]], height, width)  # the same for every attention
         for attention in attentions:
             point = {
@@ -211,12 +219,18 @@ def measure(
 
 
 def print_table(results: dict) -> None:
-    print(f"{'attention':>17} {'input':>11} {'AC tokens':>22} {'time ms':>9} {'peak MiB':>9} {'x2 time':>8} "
-          f"{'x2 mem':>7}")
+    print(
+        f"{'attention':>17} {'input':>11} {'AC tokens':>22} {'time ms':>9} {'peak MiB':>9} {'x2 time':>8} {'x2 mem':>7}"
+    )
     for attention, result in results.items():
         for index, point in enumerate(result["points"]):
-            ratios = ("", "") if index == 0 else (
-                f"{result['time_per_doubling'][index - 1]:.2f}", f"{result['memory_per_doubling'][index - 1]:.2f}"
+            ratios = (
+                ("", "")
+                if index == 0
+                else (
+                    f"{result['time_per_doubling'][index - 1]:.2f}",
+                    f"{result['memory_per_doubling'][index - 1]:.2f}",
+                )
             )
             extra = ""
             if "attention_weights_bytes" in point:

@@ -18,8 +18,8 @@ For each number of clients N and configuration, ``rounds`` bursts of N simultane
 polls ``GET /info/`` every 100 ms. Per N it reports p50/p95 request latency, throughput (answers per second over a
 burst), non-200 answers and the ``/info`` latency (p50/p99/max), and the ratios ``p50(N) / p50(1)`` (its own and the
 blocking server's single-client p50) against the target ``(N + 1) / 2`` (a FIFO server answering one request after
-another; a server that answers everyone at the end scores N), and its throughput over the blocking server's. The run is bounded: no new burst
-starts after ``--max-seconds``. The last line printed is one JSON object with every figure.
+another; a server that answers everyone at the end scores N), and its throughput over the blocking server's. The run
+is bounded: no new burst starts after ``--max-seconds``. The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations

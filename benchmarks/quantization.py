@@ -118,8 +118,8 @@ def log(message: str) -> None:
 
 def real_batch(shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
     """``shape`` = (B, C, H, W): B consecutive real axial CT slices (example_ct, HU-windowed and normalised as in
-    sample_models/trained_models.py) resized to H x W, repeated over the C channels. Sizes above 512 or non-square ones are
-    interpolated from the 512 x 512 slices (only the B slices used are enlarged)."""
+    sample_models/trained_models.py) resized to H x W, repeated over the C channels. Sizes above 512 or non-square
+    ones are interpolated from the 512 x 512 slices (only the B slices used are enlarged)."""
     import torch.nn.functional as F
 
     from sample_models import ct_slices
@@ -263,7 +263,9 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
     medians = interleaved_medians(candidates, repeats)
     for name, value in medians.items():
         result[f"{name}_ms"] = value
-    fp32_paths = {name: medians[name] for name in ("fp32_eager", "fp32_fused_script", "fp32_compile") if name in medians}
+    fp32_paths = {
+        name: medians[name] for name in ("fp32_eager", "fp32_fused_script", "fp32_compile") if name in medians
+    }
     best = min(fp32_paths, key=fp32_paths.get)
     result.update(
         fp32_best_ms=fp32_paths[best],
@@ -394,10 +396,18 @@ def compare_isas(isas: list[str], out: str | None, argv: list[str]) -> int:
         row: dict[str, Any] = {}
         for isa in isas:
             other = runs[isa][key]
-            row[isa] = {name: other[name] for name in (
-                "fp32_eager_ms", "fp32_best_ms", "fp32_best_path", "int8_ms", "int8_over_fp32_eager",
-                "int8_over_fp32_best", "agreement_dice",
-            )}
+            row[isa] = {
+                name: other[name]
+                for name in (
+                    "fp32_eager_ms",
+                    "fp32_best_ms",
+                    "fp32_best_path",
+                    "int8_ms",
+                    "int8_over_fp32_eager",
+                    "int8_over_fp32_best",
+                    "agreement_dice",
+                )
+            }
             if isa != first:
                 row[isa]["int8_ms_over_" + first] = other["int8_ms"] / result["int8_ms"]
         side_by_side[key] = row

@@ -81,7 +81,12 @@ def prepare_studies(folder: Path) -> dict[str, dict[str, Any]]:
 def time_infer(url: str, model: str, image_id: str) -> tuple[float, int]:
     """Seconds for one ``POST /infer`` returning the label image, and the response size in bytes."""
     start = time.perf_counter()
-    r = requests.post(f"{url}/infer/{model}", params={"image": image_id, "output": "image"}, files={"params": (None, "{}")}, timeout=1800)
+    r = requests.post(
+        f"{url}/infer/{model}",
+        params={"image": image_id, "output": "image"},
+        files={"params": (None, "{}")},
+        timeout=1800,
+    )
     elapsed = time.perf_counter() - start
     if r.status_code != 200:
         raise RuntimeError(f"/infer/{model} on {image_id}: HTTP {r.status_code} {r.text[:500]}")
@@ -89,7 +94,12 @@ def time_infer(url: str, model: str, image_id: str) -> tuple[float, int]:
 
 
 def server_latencies(url: str, model: str, image_id: str) -> dict[str, float]:
-    r = requests.post(f"{url}/infer/{model}", params={"image": image_id, "output": "json"}, files={"params": (None, "{}")}, timeout=1800)
+    r = requests.post(
+        f"{url}/infer/{model}",
+        params={"image": image_id, "output": "json"},
+        files={"params": (None, "{}")},
+        timeout=1800,
+    )
     if r.status_code != 200:
         raise RuntimeError(f"/infer/{model} on {image_id}: HTTP {r.status_code} {r.text[:500]}")
     lat = r.json()["latencies"]

@@ -30,7 +30,11 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m monailabel_app.batch_infer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", required=True, help="datastore: a folder of NIfTI/NRRD images, or a PACS DICOMweb URL (http://host/dicom-web)")
+    parser.add_argument(
+        "--studies",
+        required=True,
+        help="datastore: a folder of NIfTI/NRRD images, or a PACS DICOMweb URL (http://host/dicom-web)",
+    )
     parser.add_argument("--model", required=True, help="served model name, e.g. sadnn_seg_int8")
     parser.add_argument("--out", required=True, help="output folder (<id>.nii.gz and <id>.json per image)")
     parser.add_argument(

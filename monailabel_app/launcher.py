@@ -176,16 +176,15 @@ def start_server(
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), environment.get("PYTHONPATH", "")) if p)
     environment.update(env or {})
     # the server's working folder is the log's folder: MONAI Label reads a stray ".env" from its working folder
-    log_handle = open(log_path, "w")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log_handle,
-        stderr=subprocess.STDOUT,
-        env=environment,
-        cwd=str(log_path.parent),
-        start_new_session=True,
-    )
-    log_handle.close()
+    with open(log_path, "w") as log_handle:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=str(log_path.parent),
+            start_new_session=True,
+        )
     handle = ServerHandle(f"http://{host}:{port}", port, proc, Path(app_dir).resolve(), studies, conf, log_path)
     deadline = time.time() + timeout
     while time.time() < deadline:

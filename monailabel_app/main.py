@@ -36,9 +36,10 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 from monailabel_app.lib.activelearning import Int8Disagreement, TTAUncertainty  # noqa: E402
 from monailabel_app.lib.app_config import FAMILY_OF, AppConfig  # noqa: E402
+from monailabel_app.lib.batch.server_task import CpuBatchInferTask  # noqa: E402
 from monailabel_app.lib.comparison import COMPARISON_COLOURS  # noqa: E402
 from monailabel_app.lib.configs import CONFIGS  # noqa: E402
-from monailabel_app.lib.datastore import SafeLocalDatastore  # noqa: E402
+from monailabel_app.lib.datastore import SafeLocalDatastore, unknown_image_message  # noqa: E402
 from monailabel_app.lib.errors import BadInputError, NotFoundError  # noqa: E402
 from monailabel_app.lib.infers.base import AppInferTask  # noqa: E402
 from monailabel_app.lib.infers.classification import ClassificationInfer  # noqa: E402
@@ -46,13 +47,11 @@ from monailabel_app.lib.infers.segmentation import SegmentationInfer  # noqa: E4
 from monailabel_app.lib.model_cards import ModelCards  # noqa: E402
 from monailabel_app.lib.model_store import NetworkCache  # noqa: E402
 from monailabel_app.lib.quality import bundled_quality  # noqa: E402
-from monailabel_app.lib.datastore import unknown_image_message  # noqa: E402
 from monailabel_app.lib.request_guard import install_request_guard, note_upload  # noqa: E402
 from monailabel_app.lib.scoring import Int8AgreementScoring, OverUnderScoring  # noqa: E402
+from monailabel_app.lib.serving import ServingConfig, WorkerPool, install_offload  # noqa: E402
 from monailabel_app.lib.trainers.distributed import train_request_problem  # noqa: E402
 from networks.registry import default_model_order  # noqa: E402
-from monailabel_app.lib.batch.server_task import CpuBatchInferTask  # noqa: E402
-from monailabel_app.lib.serving import ServingConfig, WorkerPool, install_offload  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

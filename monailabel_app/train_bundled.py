@@ -22,8 +22,9 @@ Families: every entry of :mod:`networks.registry`, which holds each one's recipe
 on; ``training``: the train task's request; ``int8``: the calibration); :func:`train_request` assembles the request.
 Segmentation families learn the liver, the classifiers per-slice presence of liver, spleen, kidneys and stomach.
 A run of some families (``--families hct_cls,scopeformer_cls,patchconvnet_cls``) replaces only their files and
-their entries in ``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights (INT8 families)
-the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of the INT8 recipe.
+their entries in ``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights
+(INT8 families) the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of
+the INT8 recipe.
 """
 
 from __future__ import annotations
@@ -114,10 +115,9 @@ def requantize_family(family: ModelFamily, bundled: Path, work: Path, seed: int)
     """Re-quantise the bundled FP32 weights of one family without training, exactly as a training run ends
     (calibration slices of the training datastore with the checkpoint's own preprocessing, then
     ``publish_trained``); the FP32 weights are published unchanged. Returns ``{"published": ...}``."""
-    from networks.checkpoint import load_checkpoint
-
     from monailabel_app.lib.preprocess import Preprocessing
     from monailabel_app.lib.trainers.common import calibration_slices, publish_trained
+    from networks.checkpoint import load_checkpoint
 
     if not family.int8:
         raise ValueError(f"{family.family} has no INT8 variant to re-quantise")
@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.requantize:  # the training facts stay those of the run that made the FP32 weights
             trained = previous_report.get("families", {}).get(family, {})
-            entry.update({key: trained.get(key) for key in ("command", "request", "train_seconds", "final_train_metric")})
+            entry.update(
+                {key: trained.get(key) for key in ("command", "request", "train_seconds", "final_train_metric")}
+            )
             entry["requantized"] = {"command": report["command"], "machine_isa": cpu_best_isa()}
         report["families"][family] = entry
         logger.info(f"{family}: held-out {json.dumps(held_out)}")

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """FP32 checkpoints that rebuild their network through :func:`networks.factory.create_model`.
 
 A checkpoint is one ``torch.save`` file holding a plain dictionary::

@@ -88,7 +88,7 @@ def _with_defaults(target: Callable[..., nn.Module], doc: str, **defaults: Any) 
             for name, p in signature.parameters.items()
             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         ]
-        + [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        + [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD],
     )
     constructor.__doc__ = doc
     constructor.__name__ = constructor.__qualname__ = f"{target.__name__}_constructor"
@@ -132,20 +132,33 @@ register_model("resnet18_baseline")(
 
 
 # HCT (Taha et al.): pre-activation ResNet-22 with attention-convolution blocks in stages 4-5.
-register_model("hct")(_with_defaults(HCT, "HCT with Performer FAVOR+ (softmax kernel), 2 classes: 1,737,010 parameters."))
+register_model("hct")(
+    _with_defaults(HCT, "HCT with Performer FAVOR+ (softmax kernel), 2 classes: 1,737,010 parameters.")
+)
 register_model("hct_performer_relu")(
-    _with_defaults(HCT, "HCT with Performer FAVOR+ (ReLU kernel), the paper's best variant.", attention="performer_relu")
+    _with_defaults(
+        HCT, "HCT with Performer FAVOR+ (ReLU kernel), the paper's best variant.", attention="performer_relu"
+    )
 )
 register_model("hct_nystrom")(_with_defaults(HCT, "HCT with Nystromformer attention.", attention="nystrom"))
 register_model("gmic_resnet22")(
-    _with_defaults(HCT, "All-convolution pre-activation ResNet-22 (GMIC baseline): 2,800,050 parameters.", attention_stages=())
+    _with_defaults(
+        HCT, "All-convolution pre-activation ResNet-22 (GMIC baseline): 2,800,050 parameters.", attention_stages=()
+    )
 )
 register_model("hct_small")(
-    _with_defaults(HCT, "HCT narrowed for CPU training: channels (8, 8, 16, 16, 32), 4 heads.", channels=(8, 8, 16, 16, 32), heads=4)
+    _with_defaults(
+        HCT,
+        "HCT narrowed for CPU training: channels (8, 8, 16, 16, 32), 4 heads.",
+        channels=(8, 8, 16, 16, 32),
+        heads=4,
+    )
 )
 # Efficient Scopeformer (Barhoumi & Rasool): MONAI CNN backbones + 1x1 projections + re-attention ViT.
 register_model("scopeformer")(
-    _with_defaults(Scopeformer, "Efficient Scopeformer: DenseNet-121, EfficientNet-B0, ResNet-18 backbones, 8 layers, d 384.")
+    _with_defaults(
+        Scopeformer, "Efficient Scopeformer: DenseNet-121, EfficientNet-B0, ResNet-18 backbones, 8 layers, d 384."
+    )
 )
 register_model("scopeformer_small")(
     _with_defaults(

@@ -61,9 +61,11 @@ def cpu_best_isa(flags: frozenset[str] | None = None) -> str:
     """The best class this CPU (or the given flag set) supports: ``avx512_vnni``, ``avx2`` or ``portable``."""
     flags = cpu_flags() if flags is None else flags
     # Linux spells these "avx512_vnni" but "avx512vbmi"; accept either spelling of each
-    flags = flags | {name.replace("avx512_", "avx512") for name in flags} | {
-        name.replace("avx512", "avx512_", 1) for name in flags if name.startswith("avx512") and "_" not in name
-    }
+    flags = (
+        flags
+        | {name.replace("avx512_", "avx512") for name in flags}
+        | {name.replace("avx512", "avx512_", 1) for name in flags if name.startswith("avx512") and "_" not in name}
+    )
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512vbmi"} <= flags:
         return "avx512_vnni"
     if {"avx2", "fma"} <= flags:

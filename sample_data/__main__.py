@@ -23,9 +23,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sample_data",
         description="Fetch the TotalSegmentator/slicerio sample data and build a MONAI Label datastore.",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"cache folder (default ${DATA_DIR_ENV} or <repo>/.data)")
-    parser.add_argument("--organs", nargs="+", default=["liver"], help="TotalSegmentator structure names (default: liver)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="datastore folder (default <data>/datastore/<organs>)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help=f"cache folder (default ${DATA_DIR_ENV} or <repo>/.data)"
+    )
+    parser.add_argument(
+        "--organs", nargs="+", default=["liver"], help="TotalSegmentator structure names (default: liver)"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="datastore folder (default <data>/datastore/<organs>)"
+    )
     parser.add_argument("--images", nargs="+", default=None, choices=STUDY_IDS, help="subset of images (default: all)")
     parser.add_argument("--force", action="store_true", help="overwrite existing images and labels in the datastore")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -34,12 +40,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         started = time.perf_counter()
         sample = fetch(args.data_dir)
         fetched = time.perf_counter()
-        built = build_datastore(args.organs, args.out_dir, data_dir=sample.data_dir, image_ids=args.images, force=args.force)
+        built = build_datastore(
+            args.organs, args.out_dir, data_dir=sample.data_dir, image_ids=args.images, force=args.force
+        )
         finished = time.perf_counter()
     except KeyboardInterrupt:
         print("sample_data: interrupted", file=sys.stderr)

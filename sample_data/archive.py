@@ -18,9 +18,10 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from .errors import ArchiveContentError, ChecksumError, DownloadError
 from .sources import SourceArchive
@@ -55,7 +56,8 @@ def _quarantine(path: Path, quarantine_dir: Path, actual: str) -> Path:
 
 
 def verify_archive(path: Path, source: SourceArchive, quarantine_dir: Path) -> None:
-    """Raise :class:`ChecksumError` (after moving the file to ``quarantine_dir``) unless ``path`` has ``source.sha256``."""
+    """Raise :class:`ChecksumError` (after moving the file to ``quarantine_dir``) unless ``path`` has
+    ``source.sha256``."""
     actual = sha256_of(path)
     if actual != source.sha256:
         moved = _quarantine(Path(path), Path(quarantine_dir), actual)
@@ -65,10 +67,18 @@ def verify_archive(path: Path, source: SourceArchive, quarantine_dir: Path) -> N
 def pip_download(source: SourceArchive, dest_dir: Path, timeout_s: float = 600.0) -> Path:
     """Run ``python -m pip download --no-deps`` for ``source`` into the empty folder ``dest_dir``; return the file."""
     command = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", *source.pip_format_args,
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-        "--dest", str(dest_dir),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        *source.pip_format_args,
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(dest_dir),
     ]
     if "--no-binary" in source.pip_format_args and importlib.util.find_spec("setuptools") is not None:
         # pip reads an sdist's metadata by running its build backend; with the local setuptools it
@@ -198,7 +208,7 @@ def extract_members(archive_path: Path, source: SourceArchive, target_dir: Path)
             children = []
             for name in entries:
                 if name.startswith(prefix) and name != prefix.rstrip("/"):
-                    rest = name[len(prefix):]
+                    rest = name[len(prefix) :]
                     if "/" in rest:
                         raise ArchiveContentError(f"{archive_path.name}: unexpected nested member {name}")
                     children.append(name)
@@ -206,14 +216,16 @@ def extract_members(archive_path: Path, source: SourceArchive, target_dir: Path)
                 raise ArchiveContentError(
                     f"{archive_path.name}: {prefix} holds {len(children)} members, expected {directory.expected_files}"
                 )
-            plan.extend((name, f"{directory.destination}/{name[len(prefix):]}") for name in sorted(children))
+            plan.extend((name, f"{directory.destination}/{name[len(prefix) :]}") for name in sorted(children))
         for member, relative in plan:
             _safe_member_name(member, archive_path)
             regular, size, opener = entries[member]
             if not regular:
                 raise ArchiveContentError(f"{archive_path.name}: {member} is not a regular file (link or device?)")
             if size > MAX_MEMBER_BYTES:
-                raise ArchiveContentError(f"{archive_path.name}: {member} is {size} bytes, more than {MAX_MEMBER_BYTES}")
+                raise ArchiveContentError(
+                    f"{archive_path.name}: {member} is {size} bytes, more than {MAX_MEMBER_BYTES}"
+                )
             destination = _safe_destination(target_dir, relative)
             destination.parent.mkdir(parents=True, exist_ok=True)
             with opener() as handle:

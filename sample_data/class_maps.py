@@ -10,8 +10,8 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from .errors import SampleDataError, UnknownOrganError
 from .paths import default_data_dir
@@ -45,7 +45,9 @@ def _checked_map(name: str, value: object) -> dict[int, str]:
 
 def _class_map_dict_node(tree: ast.Module) -> ast.Dict:
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if any(isinstance(t, ast.Name) and t.id == "class_map" for t in targets):
             if isinstance(node.value, ast.Dict):
                 return node.value

@@ -30,9 +30,9 @@ Files are written through a hidden staging folder and ``os.replace``; an existin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import nrrd
 import numpy as np
@@ -55,7 +55,9 @@ NOTES_FILENAME = "datastore_notes.json"
 # labelled images that training must never use, kept labelled for evaluation (notes "training"): the held-out image
 # always, a derived image whenever the image it was derived from is in the datastore too
 HELD_OUT_IMAGES: dict[str, str] = {
-    "example_ct_dicom": "held out: another patient (the DICOM series), the image the READMEs report held-out quality on",
+    "example_ct_dicom": (
+        "held out: another patient (the DICOM series), the image the READMEs report held-out quality on"
+    ),
 }
 DERIVED_IMAGES: dict[str, tuple[str, str]] = {
     "example_ct_sm": (
@@ -165,24 +167,37 @@ def _load_studies(sample: SampleData, wanted: Sequence[str]) -> list[_Study]:
             "in physical space with nearest neighbour; every class kept its voxel count",
         )
         return _Study(
-            "example_ct_dicom", facts.get("modality", "CT"), image, on_grid, "total",
+            "example_ct_dicom",
+            facts.get("modality", "CT"),
+            image,
+            on_grid,
+            "total",
             (f"{sample.example_ct_dicom.name}/ ({facts['slices']} DICOM files)", sample.example_seg_dicom.name),
-            remarks, {"dicom": facts},
+            remarks,
+            {"dicom": facts},
         )
 
     def ct_chest4() -> _Study:
         image = sitk.ReadImage(str(sample.ct_chest4))
         return _Study(
-            "CTChest4", "CT", image, None, None, (sample.ct_chest4.name,),
+            "CTChest4",
+            "CT",
+            image,
+            None,
+            None,
+            (sample.ct_chest4.name,),
             ("unlabeled: slicerio's Segmentation.seg.nrrd has no liver (or other abdominal organ) segment",),
         )
 
     loaders["example_ct"] = lambda: nifti_pair(
-        "example_ct", "CT", sample.example_ct, sample.example_seg_fast_force_split, "total")
+        "example_ct", "CT", sample.example_ct, sample.example_seg_fast_force_split, "total"
+    )
     loaders["example_ct_sm"] = lambda: nifti_pair(
-        "example_ct_sm", "CT", sample.example_ct_sm, sample.example_seg, "total")
+        "example_ct_sm", "CT", sample.example_ct_sm, sample.example_seg, "total"
+    )
     loaders["example_mr_sm"] = lambda: nifti_pair(
-        "example_mr_sm", "MR", sample.example_mr_sm, sample.example_seg_mr, "total_mr")
+        "example_mr_sm", "MR", sample.example_mr_sm, sample.example_seg_mr, "total_mr"
+    )
     loaders["example_ct_dicom"] = dicom
     loaders["CTChest4"] = ct_chest4
     return [loaders[image_id]() for image_id in wanted]
@@ -255,9 +270,10 @@ def _slab_relation(sample: SampleData, organs: Sequence[str], total_values: dict
         ),
         header_consistent=header_consistent,
         header_note=(
-            "example_ct_sm's origin matches the slab's position in example_ct" if header_consistent else
-            f"example_ct_sm keeps example_ct's origin {list(np.round(small.GetOrigin(), 3))} although its voxels start at "
-            f"{list(np.round(slab_origin, 3))}: the two do not overlay in physical space"
+            "example_ct_sm's origin matches the slab's position in example_ct"
+            if header_consistent
+            else f"example_ct_sm keeps example_ct's origin {list(np.round(small.GetOrigin(), 3))} although its voxels "
+            f"start at {list(np.round(slab_origin, 3))}: the two do not overlay in physical space"
         ),
     )
     # How far apart are the two TotalSegmentator outputs where the images coincide?
@@ -378,7 +394,9 @@ def build_datastore(
             if label is not None:
                 entry["label_status"] = _write_if_needed(label, labels_dir / f"{study.image_id}.nii.gz", staging, force)
                 if entry["label_status"] == "kept_existing":
-                    entry["label_note"] = "a label already saved here was kept (rebuild with force=True / --force to replace it)"
+                    entry["label_note"] = (
+                        "a label already saved here was kept (rebuild with force=True / --force to replace it)"
+                    )
                 labeled_ids.append(study.image_id)
             else:
                 entry["label_status"] = "none"

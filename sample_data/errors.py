@@ -19,7 +19,9 @@ class ChecksumError(SampleDataError):
 
     def __init__(self, path: str, expected: str, actual: str, quarantined_to: str | None = None) -> None:
         where = f"; moved it to {quarantined_to} so the next run downloads it again" if quarantined_to else ""
-        super().__init__(f"sha256 mismatch for {path}: expected {expected}, got {actual}; nothing was extracted from it{where}")
+        super().__init__(
+            f"sha256 mismatch for {path}: expected {expected}, got {actual}; nothing was extracted from it{where}"
+        )
         self.path = path
         self.expected = expected
         self.actual = actual

@@ -201,7 +201,9 @@ def fetch(data_dir: Path | str | None = None) -> SampleData:
     try:
         lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout as error:
-        raise SampleDataError(f"another process holds {root / '.fetch.lock'} for more than {LOCK_TIMEOUT_S:.0f} s") from error
+        raise SampleDataError(
+            f"another process holds {root / '.fetch.lock'} for more than {LOCK_TIMEOUT_S:.0f} s"
+        ) from error
     try:
         _remove_leftovers(root)
         for source in SOURCES:

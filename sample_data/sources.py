@@ -7,9 +7,9 @@ computed from the files PyPI served when this module was written; a different fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 __all__ = [
     "DirectoryMember",

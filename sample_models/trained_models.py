@@ -142,11 +142,24 @@ CONFIGS: dict[str, TrainConfig] = {
     # that class: INT8 agreement Dice 0.21-0.34 whatever the activation bits. lr 1e-3 for 120 steps (47 s): logits
     # ~31, FP32 Dice vs label 0.56, INT8 agreement 0.885.
     "sadnn_seg_small_3d": TrainConfig(
-        "sadnn_seg_small", {"spatial_dims": 3, "dropout": 0.0}, spatial_dims=3, size=32, steps=120, batch_size=2,
-        learning_rate=1e-3, loss="dicece", query_init_scale=0.1,
+        "sadnn_seg_small",
+        {"spatial_dims": 3, "dropout": 0.0},
+        spatial_dims=3,
+        size=32,
+        steps=120,
+        batch_size=2,
+        learning_rate=1e-3,
+        loss="dicece",
+        query_init_scale=0.1,
     ),
     "unet_baseline_3d": TrainConfig(
-        "unet_baseline", {"spatial_dims": 3}, spatial_dims=3, size=32, steps=60, batch_size=2, learning_rate=3e-3,
+        "unet_baseline",
+        {"spatial_dims": 3},
+        spatial_dims=3,
+        size=32,
+        steps=60,
+        batch_size=2,
+        learning_rate=3e-3,
         loss="dicece",
     ),
 }

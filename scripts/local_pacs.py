@@ -218,11 +218,10 @@ class Orthanc:
         self.storage.mkdir(parents=True, exist_ok=True)
         config_path = self.storage / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [self.binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [self.binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

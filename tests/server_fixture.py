@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from monailabel_app.launcher import APP_DIR, REPO_ROOT, VENV_BIN, ServerHandle, ServerStartError, free_port, start_server
+from monailabel_app.launcher import (
+    APP_DIR,
+    REPO_ROOT,
+    VENV_BIN,
+    ServerHandle,
+    ServerStartError,
+    free_port,
+    start_server,
+)
 from sample_data.datastore_copy import copy_sample_datastore
 
 __all__ = [

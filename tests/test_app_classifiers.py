@@ -37,7 +37,9 @@ MODELS = [f"{family}_{precision}" for family in EXPLANATIONS for precision in ("
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    with start_sample_server(tmp_path_factory, STUDIES, {"models": ",".join(EXPLANATIONS), "rise_masks": "32"}) as handle:
+    with start_sample_server(
+        tmp_path_factory, STUDIES, {"models": ",".join(EXPLANATIONS), "rise_masks": "32"}
+    ) as handle:
         yield handle
 
 
@@ -88,7 +90,7 @@ def test_info_lists_classifiers_with_cards_and_explanations(server: ServerHandle
         for field in fields:
             assert card[field] is not None, (name, field)
         assert card["precision"] == precision and card["input_shape"] == [1, 1, 128, 128]
-        assert 0 < card["int8_size_bytes"] and card["params"] > 10_000
+        assert card["int8_size_bytes"] > 0 and card["params"] > 10_000
     assert models["hct_cls_fp32"]["model_card"]["factory_name"] == "hct_small"
     assert models["scopeformer_cls_fp32"]["model_card"]["factory_name"] == "scopeformer_tiny"
     assert models["patchconvnet_cls_fp32"]["model_card"]["factory_name"] == "patchconvnet_small"
@@ -192,7 +194,7 @@ def test_uploaded_2d_image(server: ServerHandle, tmp_path: Path, model: str, met
     np.testing.assert_allclose(saliency_image.GetSpacing(), slice2d.GetSpacing(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(saliency_image.GetOrigin(), slice2d.GetOrigin(), rtol=0, atol=1e-5)
     saliency = sitk.GetArrayFromImage(saliency_image)
-    assert saliency.dtype == np.float32 and 0.0 <= saliency.min() and 0.5 < saliency.max() <= 1.0 + 1e-5
+    assert saliency.dtype == np.float32 and saliency.min() >= 0.0 and 0.5 < saliency.max() <= 1.0 + 1e-5
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -77,8 +77,12 @@ def run_readme_commands(url: str, workdir: Path) -> list[dict]:
         if assignment and proc.returncode == 0:
             stdout, value = stdout.rsplit("\n@@", 1)
             variables[assignment.group(1)] = value
-        results.append({"command": command, "stdout": stdout, "stderr": proc.stderr, "rc": proc.returncode, "seconds": seconds})
-        assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stdout}\n{proc.stderr}"
+        results.append(
+            {"command": command, "stdout": stdout, "stderr": proc.stderr, "rc": proc.returncode, "seconds": seconds}
+        )
+        assert proc.returncode == 0, (
+            f"README command failed ({proc.returncode}): {command}\n{proc.stdout}\n{proc.stderr}"
+        )
     return results
 
 
@@ -110,9 +114,9 @@ def test_readme_commands_run_against_the_server(server: ServerHandle, tmp_path: 
     history = list((server.studies / ".label_history" / "final").glob("CTChest4.*.nii.gz"))
     assert len(history) == 1 and history[0].read_bytes() == (tmp_path / "CTChest4_liver.nii.gz").read_bytes()
     # 6. training started, then stopped
-    started = json.loads(by_word("POST \"$URL/train/")["stdout"])
+    started = json.loads(by_word('POST "$URL/train/')["stdout"])
     assert started.get("status") in ("SUBMITTED", "RUNNING"), started
-    stopped = json.loads(by_word("DELETE \"$URL/train/")["stdout"])
+    stopped = json.loads(by_word('DELETE "$URL/train/')["stdout"])
     assert stopped.get("status") == "STOPPED", stopped
     assert server.wait_for_training(60)["status"] == "STOPPED"
     assert not (server.model_dir / "sadnn_seg.pt").exists()  # a stopped run publishes nothing
@@ -170,7 +174,11 @@ def test_upload_errors_name_the_users_file(server: ServerHandle):
     image = (server.studies / "example_mr_sm.nii.gz").read_bytes()
     r = server.post(
         f"/infer/{SEG}",
-        files={"file": ("mr.nii.gz", image), "label": ("bad_label.txt", not_an_image), "params": (None, '{"reference": "upload"}')},
+        files={
+            "file": ("mr.nii.gz", image),
+            "label": ("bad_label.txt", not_an_image),
+            "params": (None, '{"reference": "upload"}'),
+        },
     )
     assert r.status_code == 422 and "bad_label.txt" in r.json()["detail"], r.text
     assert not (server.studies / "upload_test.nii.gz").exists()
@@ -209,7 +217,8 @@ def test_delete_label_keeps_a_copy_in_the_history(server: ServerHandle):
     assert r.status_code == 404 and "'no_such_image'" in r.json()["detail"]
     # put it back for the tests below (the label's own bytes, from the history copy)
     r = server.put(
-        "/datastore/label", params={"image": "example_mr_sm", "tag": "final"},
+        "/datastore/label",
+        params={"image": "example_mr_sm", "tag": "final"},
         files={"label": ("example_mr_sm.nii.gz", content)},
     )
     assert r.status_code == 200 and stored.exists()
@@ -224,8 +233,12 @@ def test_runtime_output_is_outside_the_source_tree_and_ignored():
     model_dir = Path(config.model_dir)
     assert model_dir == default_data_dir() / "trained"
     assert not model_dir.is_relative_to(REPO_ROOT / "monailabel_app")
-    for path in (model_dir / "runs" / "x", model_dir / ".model_cards.json", REPO_ROOT / ".data/datastore/liver/labels/final/x",
-                 REPO_ROOT / "monailabel_app/model/trained/sadnn_seg.pt"):
+    for path in (
+        model_dir / "runs" / "x",
+        model_dir / ".model_cards.json",
+        REPO_ROOT / ".data/datastore/liver/labels/final/x",
+        REPO_ROOT / "monailabel_app/model/trained/sadnn_seg.pt",
+    ):
         if path.is_relative_to(REPO_ROOT):
             rel = path.relative_to(REPO_ROOT)
             assert subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO_ROOT).returncode == 0, rel
@@ -233,8 +246,8 @@ def test_runtime_output_is_outside_the_source_tree_and_ignored():
 
 def test_tests_use_a_pristine_datastore_not_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import sample_data
-    from sample_data.paths import default_data_dir
     from sample_data import datastore_copy
+    from sample_data.paths import default_data_dir
 
     built = []
     real_build = sample_data.build_datastore
@@ -251,7 +264,9 @@ def test_tests_use_a_pristine_datastore_not_the_users(tmp_path: Path, monkeypatc
     assert built and all(not p.is_relative_to(default_data_dir()) and not p.is_relative_to(REPO_ROOT) for p in built)
     assert not list((copy / "labels" / "final").glob("CTChest4*"))  # as built: CTChest4 unlabelled
     notes = json.loads((copy / "datastore_notes.json").read_text())
-    assert "example_ct_dicom" in notes["training"]["exclude"] and notes["training"]["validate_on"] == ["example_ct_dicom"]
+    assert "example_ct_dicom" in notes["training"]["exclude"] and notes["training"]["validate_on"] == [
+        "example_ct_dicom"
+    ]
     assert notes["training"]["derived_from"]["example_ct_sm"]["source"] == "example_ct"
 
 
@@ -260,12 +275,15 @@ def test_split_datalist_rules():
     from monailabel_app.lib.trainers.datalist import TrainingRoles, split_datalist
 
     roles = TrainingRoles(
-        exclude={"example_ct_dicom": "held out"}, validate_on=("example_ct_dicom",),
+        exclude={"example_ct_dicom": "held out"},
+        validate_on=("example_ct_dicom",),
         derived_from={"example_ct_sm": ("example_ct", "crop")},
     )
     items = lambda *ids: [{"image": f"/s/{i}.nii.gz", "label": f"/s/labels/final/{i}.nii.gz"} for i in ids]  # noqa: E731
     ids = lambda ds: [Path(d["image"]).name[: -len(".nii.gz")] for d in ds]  # noqa: E731
-    train, val, excluded, note = split_datalist(items("example_ct", "example_ct_sm", "example_mr_sm", "example_ct_dicom"), roles, 0.2)
+    train, val, excluded, note = split_datalist(
+        items("example_ct", "example_ct_sm", "example_mr_sm", "example_ct_dicom"), roles, 0.2
+    )
     assert ids(train) == ["example_ct", "example_mr_sm"] and ids(val) == ["example_ct_dicom"]
     assert set(excluded) == {"example_ct_sm", "example_ct_dicom"} and "example_ct_dicom" in note
     train, val, excluded, _ = split_datalist(items("example_ct", "example_ct_dicom"), roles, 0.0)

@@ -37,7 +37,9 @@ def client(server: ServerHandle, tmp_path_factory: pytest.TempPathFactory) -> MO
     return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
 
 
-def _infer(server: ServerHandle, model: str, image: str | None = None, params: dict | None = None, files=None, output="json"):
+def _infer(
+    server: ServerHandle, model: str, image: str | None = None, params: dict | None = None, files=None, output="json"
+):
     query = {"output": output}
     if image:
         query["image"] = image
@@ -171,7 +173,13 @@ def test_label_is_written_on_the_input_grid_for_non_trivial_geometry(server: Ser
     oblique.SetDirection((rotation @ np.diag([1.0, -1.0, 1.0])).ravel().tolist())
     oblique.SetOrigin((-123.4, 56.7, 89.01))
     sitk.WriteImage(oblique, str(tmp_path / "oblique.nii.gz"))
-    r = _infer(server, "sadnn_seg_int8", None, files={"file": ("oblique.nii.gz", (tmp_path / "oblique.nii.gz").read_bytes())}, output="image")
+    r = _infer(
+        server,
+        "sadnn_seg_int8",
+        None,
+        files={"file": ("oblique.nii.gz", (tmp_path / "oblique.nii.gz").read_bytes())},
+        output="image",
+    )
     assert r.status_code == 200, r.text
     (tmp_path / "oblique_label.nii.gz").write_bytes(r.content)
     assert_same_grid(sitk.ReadImage(str(tmp_path / "oblique_label.nii.gz")), oblique)
@@ -182,7 +190,13 @@ def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
     volume = sitk.ReadImage(str(server.studies / "example_ct_dicom.nii.gz"))
     slice2d = volume[:, :, 10]
     sitk.WriteImage(slice2d, str(tmp_path / "slice.nii.gz"))
-    r = _infer(server, "sadnn_seg_int8", None, files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())}, output="image")
+    r = _infer(
+        server,
+        "sadnn_seg_int8",
+        None,
+        files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())},
+        output="image",
+    )
     assert r.status_code == 200, r.text
     (tmp_path / "slice_label.nii.gz").write_bytes(r.content)
     out = sitk.ReadImage(str(tmp_path / "slice_label.nii.gz"))
@@ -193,7 +207,14 @@ def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
     # the liver on this slice: measured Dice 0.56 against the final label (the 2D path resizes the whole slice
     # to the network's input, so it differs from the volume path's slice)
     assert _dice(label == 1, reference[10] == 1) > 0.4
-    r = _infer(server, "sadnn_cls_int8", None, {"rise_masks": 16}, files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())}, output="image")
+    r = _infer(
+        server,
+        "sadnn_cls_int8",
+        None,
+        {"rise_masks": 16},
+        files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())},
+        output="image",
+    )
     assert r.status_code == 200, r.text
     (tmp_path / "slice_saliency.nii.gz").write_bytes(r.content)
     assert sitk.ReadImage(str(tmp_path / "slice_saliency.nii.gz")).GetSize() == slice2d.GetSize()
@@ -228,7 +249,9 @@ def test_over_under_against_a_known_reference(server: ServerHandle, tmp_path: Pa
     assert c["agreement_voxels"] == len(fg) - len(removed)
     assert c["over_ml"] == pytest.approx(len(removed) * voxel_ml, rel=1e-6)
     assert c["under_ml"] == pytest.approx(len(bg) * voxel_ml, rel=1e-6)
-    assert c["dice"] == pytest.approx(2 * c["agreement_voxels"] / (2 * c["agreement_voxels"] + c["over_voxels"] + c["under_voxels"]))
+    assert c["dice"] == pytest.approx(
+        2 * c["agreement_voxels"] / (2 * c["agreement_voxels"] + c["over_voxels"] + c["under_voxels"])
+    )
     r_map = _infer(server, "sadnn_seg_int8", "example_mr_sm", {"reference": "upload"}, files=files, output="image")
     (tmp_path / "map.nii.gz").write_bytes(r_map.content)
     comparison, _ = read_array(tmp_path / "map.nii.gz")
@@ -269,7 +292,9 @@ def test_over_under_against_final_label_and_fp32_twin(server: ServerHandle, tmp_
     _check_figures(c, int8, reference, voxel_ml)
     twin = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "sadnn_seg_fp32"}).json()
     assert twin["comparison"]["reference"] == "sadnn_seg_fp32"
-    _check_figures(twin["comparison"], int8, _label_of(server, "sadnn_seg_fp32", "example_ct_dicom", tmp_path), voxel_ml)
+    _check_figures(
+        twin["comparison"], int8, _label_of(server, "sadnn_seg_fp32", "example_ct_dicom", tmp_path), voxel_ml
+    )
     missing = _infer(server, "sadnn_seg_int8", "example_ct_dicom", {"reference": "original"})
     assert missing.status_code == 404 and "original" in missing.json()["detail"]
 
@@ -318,7 +343,11 @@ def air_study(server: ServerHandle, tmp_path: Path):
     air = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(chest).shape, -1000, np.int16))
     air.CopyInformation(chest)
     sitk.WriteImage(air, str(tmp_path / f"{AIR}.nii.gz"))
-    r = server.put("/datastore/image", params={"image": AIR}, files={"file": (f"{AIR}.nii.gz", (tmp_path / f"{AIR}.nii.gz").read_bytes())})
+    r = server.put(
+        "/datastore/image",
+        params={"image": AIR},
+        files={"file": (f"{AIR}.nii.gz", (tmp_path / f"{AIR}.nii.gz").read_bytes())},
+    )
     assert r.status_code == 200, r.text
     _wait_for_total(server, len(STUDIES) + 1)
     try:
@@ -333,7 +362,12 @@ def test_active_learning_strategies(server: ServerHandle, client: MONAILabelClie
     """Two unlabelled studies with a known order: the air volume sorts first, and the model is certain on it
     (no liver under any flip or scaling; INT8 and FP32 both find nothing, Dice 1), while CTChest4 has a body."""
     result = client.next_sample(strategy, {"max_slices": 8})
-    expected = {"random": result["id"], "first": air_study, "tta_uncertainty": "CTChest4", "int8_disagreement": "CTChest4"}
+    expected = {
+        "random": result["id"],
+        "first": air_study,
+        "tta_uncertainty": "CTChest4",
+        "int8_disagreement": "CTChest4",
+    }
     assert result["id"] in (air_study, "CTChest4") and result["id"] == expected[strategy], result
     if strategy == "tta_uncertainty":
         assert result["candidates"][air_study] == 0.0 and result["candidates"]["CTChest4"] > 0.01, result["candidates"]
@@ -384,22 +418,38 @@ def test_bad_requests_get_4xx_and_change_nothing(server: ServerHandle, tmp_path:
     r = _infer(server, "sadnn_seg_int8", None, files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())})
     checks.append((r, 422, "NaN"))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 40), np.float32)), str(tmp_path / "flat.nii.gz"))
-    r = _infer(server, "sadnn_seg3d_fp32", None, files={"file": ("flat.nii.gz", (tmp_path / "flat.nii.gz").read_bytes())})
+    r = _infer(
+        server, "sadnn_seg3d_fp32", None, files={"file": ("flat.nii.gz", (tmp_path / "flat.nii.gz").read_bytes())}
+    )
     checks.append((r, 422, "2D"))
     r = _infer(server, "sadnn_seg_int8", "example_mr_sm", {"reference": "no_such_reference"})
     checks.append((r, 422, "no_such_reference"))
 
     wrong = sitk.GetImageFromArray(np.ones((20, 91, 118), np.uint8))
     sitk.WriteImage(wrong, str(tmp_path / "wrong.nii.gz"))
-    r = server.put("/datastore/label", params={"image": "example_mr_sm", "tag": "final"}, files={"label": ("wrong.nii.gz", (tmp_path / "wrong.nii.gz").read_bytes())})
+    r = server.put(
+        "/datastore/label",
+        params={"image": "example_mr_sm", "tag": "final"},
+        files={"label": ("wrong.nii.gz", (tmp_path / "wrong.nii.gz").read_bytes())},
+    )
     checks.append((r, 422, "size"))
-    r = server.put("/datastore/label", params={"image": "example_mr_sm", "tag": "final"}, files={"label": ("x.nii.gz", b"garbage")})
+    r = server.put(
+        "/datastore/label", params={"image": "example_mr_sm", "tag": "final"}, files={"label": ("x.nii.gz", b"garbage")}
+    )
     checks.append((r, 422, "not a readable image"))
-    r = server.put("/datastore/label", params={"image": "no_such_image", "tag": "final"}, files={"label": ("wrong.nii.gz", (tmp_path / "wrong.nii.gz").read_bytes())})
+    r = server.put(
+        "/datastore/label",
+        params={"image": "no_such_image", "tag": "final"},
+        files={"label": ("wrong.nii.gz", (tmp_path / "wrong.nii.gz").read_bytes())},
+    )
     checks.append((r, 404, "no_such_image"))
     r = server.put("/datastore/image", params={"image": "broken"}, files={"file": ("broken.nii.gz", b"garbage")})
     checks.append((r, 422, "not a readable image"))
-    r = server.put("/datastore/image", params={"image": "nan"}, files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())})
+    r = server.put(
+        "/datastore/image",
+        params={"image": "nan"},
+        files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())},
+    )
     checks.append((r, 422, "NaN"))
     r = server.post("/activelearning/no_such_strategy", json={})
     checks.append((r, 404, "no_such_strategy"))
@@ -429,7 +479,11 @@ def test_save_label_keeps_earlier_labels(server: ServerHandle, client: MONAILabe
     assert np.array_equal(saved, sitk.GetArrayFromImage(edited))
     history = sorted((server.studies / ".label_history" / "final").glob("example_ct_sm.*"))
     assert len(history) == 1 and history[0].read_bytes() == previous
-    r = server.put("/datastore/label", params={"image": "example_ct_sm", "tag": "original"}, files={"label": ("o.nii.gz", (tmp_path / "edited.nii.gz").read_bytes())})
+    r = server.put(
+        "/datastore/label",
+        params={"image": "example_ct_sm", "tag": "original"},
+        files={"label": ("o.nii.gz", (tmp_path / "edited.nii.gz").read_bytes())},
+    )
     assert r.status_code == 200
     tags = server.get("/datastore/", params={"output": "all"}).json()["objects"]["example_ct_sm"]["labels"]
     assert set(tags) == {"final", "original"}
@@ -447,11 +501,15 @@ def training_client(training_server: ServerHandle, tmp_path_factory: pytest.Temp
 
 
 def _published_files(server: ServerHandle) -> dict:
-    return {name: (server.model_dir / name).read_bytes() if (server.model_dir / name).exists() else None
-            for name in ("sadnn_seg.pt", "sadnn_seg_int8.pt")}
+    return {
+        name: (server.model_dir / name).read_bytes() if (server.model_dir / name).exists() else None
+        for name in ("sadnn_seg.pt", "sadnn_seg_int8.pt")
+    }
 
 
-def test_failed_and_stopped_training_keep_served_models(training_server: ServerHandle, training_client: MONAILabelClient):
+def test_failed_and_stopped_training_keep_served_models(
+    training_server: ServerHandle, training_client: MONAILabelClient
+):
     server, client = training_server, training_client
     before = server.get("/model/info/sadnn_seg_int8").json()["checksum"]
     files_before = _published_files(server)
@@ -476,7 +534,9 @@ def test_failed_and_stopped_training_keep_served_models(training_server: ServerH
     assert _published_files(server) == files_before  # nothing was published
 
 
-def test_training_republishes_fp32_and_int8_and_inference_reloads(training_server: ServerHandle, training_client: MONAILabelClient):
+def test_training_republishes_fp32_and_int8_and_inference_reloads(
+    training_server: ServerHandle, training_client: MONAILabelClient
+):
     server, client = training_server, training_client
     bundled = {m: server.get(f"/model/info/{m}").json()["checksum"] for m in ("sadnn_seg_int8", "sadnn_seg_fp32")}
     request = {"max_epochs": 1, "num_samples": 2, "train_batch_size": 2, "val_split": 0.34, "calibration_slices": 8}

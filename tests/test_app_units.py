@@ -98,7 +98,7 @@ def test_rise_explanation_highlights_the_evidence_region():
     top_left, info = explanation_map(_QuadrantClassifier(), image, "rise", 0, rise_masks=200, rise_seed=1)
     bottom_right, _ = explanation_map(_QuadrantClassifier(), image, "rise", 1, rise_masks=200, rise_seed=1)
     assert top_left.shape == (32, 32) and info["method"] == "rise" and info["num_masks"] == 200
-    assert 0.0 <= float(top_left.min()) and float(top_left.max()) <= 1.0
+    assert float(top_left.min()) >= 0.0 and float(top_left.max()) <= 1.0
     assert top_left[:16, :16].mean() > top_left[16:, 16:].mean() + 0.2
     assert bottom_right[16:, 16:].mean() > bottom_right[:16, :16].mean() + 0.2
     again, _ = explanation_map(_QuadrantClassifier(), image, "rise", 0, rise_masks=200, rise_seed=1)
@@ -181,7 +181,9 @@ def test_preprocessing_inverts_onto_the_input_grid(tmp_path):
     margin = 0.6  # nearest-neighbour rounding is ambiguous within half a voxel of an octant border or the edge
     inside = np.all((continuous > -0.5 + margin) & (continuous < np.array(working) - 0.5 - margin), axis=1)
     clear = inside & np.all(np.abs(continuous - np.array(centre)) > margin, axis=1)
-    expected = 1 + (continuous[:, 0] > centre[0]) + 2 * (continuous[:, 1] > centre[1]) + 4 * (continuous[:, 2] > centre[2])
+    expected = (
+        1 + (continuous[:, 0] > centre[0]) + 2 * (continuous[:, 1] > centre[1]) + 4 * (continuous[:, 2] > centre[2])
+    )
     values = got.reshape(-1)[clear]
     assert clear.sum() > 0.3 * len(clear) and set(np.unique(expected[clear])) == set(range(1, 9))
     np.testing.assert_array_equal(values, expected[clear])

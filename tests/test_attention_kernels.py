@@ -104,8 +104,9 @@ def fp32_isa(isa):
 
 def int8_isa(isa):
     def run(q, k, v, rel, kernel_size, heads, out_scale=None, out_shift=None, relu=False):
-        return torch.ops.medattn._local_attention_int8_isa(q, k, v, rel, kernel_size, heads, out_scale, out_shift,
-                                                           relu, isa)
+        return torch.ops.medattn._local_attention_int8_isa(
+            q, k, v, rel, kernel_size, heads, out_scale, out_shift, relu, isa
+        )
 
     return run
 
@@ -161,8 +162,7 @@ def test_fp32_kernel_matches_per_pixel_reference(shape, kernel_size, heads, isa)
     if isa == SELECTED_ISA:  # the public op runs the selected path
         fused = local_attention_fused(q, k, v, rel, kernel_size, heads)
         assert torch.equal(fused, got)
-        torch.testing.assert_close(fused, local_attention_torch(q, k, v, rel, kernel_size, heads), rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(fused, local_attention_torch(q, k, v, rel, kernel_size, heads), rtol=1e-5, atol=1e-5)
 
 
 def one_and_two_threads(op, *args):
@@ -232,8 +232,10 @@ def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads, is
     if isa == SELECTED_ISA:  # the public op runs the selected path
         assert torch.equal(local_attention_fused_int8(qq, kq, vq, rel, kernel_size, heads), got)
     # channels-last output: the layout the next layer's quantized projections read
-    assert got.shape == shape and got.dtype == torch.float32 and got.is_contiguous(
-        memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    assert (
+        got.shape == shape
+        and got.dtype == torch.float32
+        and got.is_contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     )
     # float32 vs float64 logits can move a weight across a rounding boundary: at most one weight LSB (1/255 of
     # the largest weight) times the value range, and rarely
@@ -244,7 +246,9 @@ def test_int8_kernel_matches_its_integer_reference(shape, kernel_size, heads, is
         assert (error > 1e-5).float().mean().item() < 0.01  # measured: none
     torch.testing.assert_close(got, portable, rtol=1e-5, atol=1e-5)
     # and the INT8 arithmetic stays close to the float contract on the same (dequantized) inputs
-    float_reference = reference_local_attention(qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads)
+    float_reference = reference_local_attention(
+        qq.dequantize(), kq.dequantize(), vq.dequantize(), rel, kernel_size, heads
+    )
     assert (got - float_reference).abs().max().item() <= 0.05 * float_reference.abs().max().item()
 
 
@@ -259,8 +263,10 @@ def test_int8_kernel_accepts_any_memory_format_and_kernel_size_one():
     torch.testing.assert_close(single, vq.dequantize(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape, kernel_size, heads", [((2, 64, 5, 21), 3, 1), ((1, 12, 3, 21), 5, 3),
-                                                      ((1, 8, 2, 3, 17), 3, 2), ((2, 8, 4, 6), 1, 1)])
+@pytest.mark.parametrize(
+    "shape, kernel_size, heads",
+    [((2, 64, 5, 21), 3, 1), ((1, 12, 3, 21), 5, 3), ((1, 8, 2, 3, 17), 3, 2), ((2, 8, 4, 6), 1, 1)],
+)
 def test_int8_kernel_epilogue_is_per_channel_affine_then_relu(shape, kernel_size, heads):
     """The fused epilogue (a folded BatchNorm -> ReLU) equals the same maths applied to the plain output."""
     q, k, v, rel = random_inputs(shape, kernel_size, seed=7)
@@ -275,8 +281,9 @@ def test_int8_kernel_epilogue_is_per_channel_affine_then_relu(shape, kernel_size
         fused = op(qq, kq, vq, rel, kernel_size, heads, scale, shift, True)
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
         assert (fused == 0).any() and (fused > 0).any()
-        torch.testing.assert_close(op(qq, kq, vq, rel, kernel_size, heads, None, shift), plain + shift.view(view),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            op(qq, kq, vq, rel, kernel_size, heads, None, shift), plain + shift.view(view), rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(RuntimeError, match="out_scale must hold one value per channel"):
         torch.ops.medattn.local_attention_int8(qq, kq, vq, rel, kernel_size, heads, scale[:-1], shift, True)
     with pytest.raises(RuntimeError, match="out_shift must be a float32"):
@@ -300,8 +307,12 @@ def test_int8_kernel_on_larger_images_with_two_threads(isa):
     # many tiles, ragged tails, 64-channel rows (vector repacking) and a 600-channel head (AVX2: q . rel summed in
     # chunks of 256 channels)
     portable = int8_isa("portable")
-    for shape, kernel_size, heads, seed in [((3, 32, 23, 70), 3, 2, 4), ((1, 64, 9, 29), 5, 1, 5),
-                                            ((1, 600, 3, 11), 3, 1, 6), ((1, 34, 5, 23), 7, 2, 7)]:
+    for shape, kernel_size, heads, seed in [
+        ((3, 32, 23, 70), 3, 2, 4),
+        ((1, 64, 9, 29), 5, 1, 5),
+        ((1, 600, 3, 11), 3, 1, 6),
+        ((1, 34, 5, 23), 7, 2, 7),
+    ]:
         q, k, v, rel = random_inputs(shape, kernel_size, seed=seed)
         qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
         single, threaded = one_and_two_threads(int8_isa(isa), qq, kq, vq, rel, kernel_size, heads)
@@ -313,7 +324,7 @@ def smooth_features(batch: int, in_channels: int, height: int, width: int, seed:
     """Band-limited random images and simple nonlinear features of them, like an early network layer sees."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, 1, height, width, generator=generator)
-    taps = torch.exp(-torch.arange(-6, 7, dtype=torch.float32) ** 2 / 8)
+    taps = torch.exp(-(torch.arange(-6, 7, dtype=torch.float32) ** 2) / 8)
     taps = taps / taps.sum()
     image = F.conv2d(F.pad(noise, (6, 6, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
     image = F.conv2d(F.pad(image, (0, 0, 6, 6), mode="reflect"), taps.view(1, 1, -1, 1))
@@ -335,8 +346,9 @@ def quantized_projection(features: torch.Tensor, out_channels: int, seed: int):
     weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator) / math.sqrt(in_channels)
     float_out = F.conv2d(features, weight)
     weight_scale = weight.abs().amax(dim=(1, 2, 3)) / 127
-    qweight = torch.quantize_per_channel(weight, weight_scale, torch.zeros(out_channels, dtype=torch.long), 0,
-                                         torch.qint8)
+    qweight = torch.quantize_per_channel(
+        weight, weight_scale, torch.zeros(out_channels, dtype=torch.long), 0, torch.qint8
+    )
     conv = QuantizedConv2d(in_channels, out_channels, 1, bias=False)
     conv.set_weight_bias(qweight, None)
     reference = quantize_min_max(float_out)
@@ -382,8 +394,9 @@ def test_wrong_inputs_raise_clear_errors():
         signed = torch.quantize_per_tensor(q, 0.1, 0, torch.qint8)
         local_attention_fused_int8(signed, kq, vq, rel, 3, 1)
     with pytest.raises(RuntimeError, match="per tensor"):
-        per_channel = torch.quantize_per_channel(q, torch.full((4,), 0.1), torch.zeros(4, dtype=torch.long), 1,
-                                                 torch.quint8)
+        per_channel = torch.quantize_per_channel(
+            q, torch.full((4,), 0.1), torch.zeros(4, dtype=torch.long), 1, torch.quint8
+        )
         local_attention_fused_int8(per_channel, kq, vq, rel, 3, 1)
     with pytest.raises(RuntimeError, match="rel must have shape"):
         local_attention_fused(q, k, v, rel[:8], 3, 1)
@@ -448,18 +461,20 @@ def test_ops_are_recorded_by_script_and_trace_and_load_without_python_classes(tm
 
     scripted.save(str(tmp_path / "fp32.pt"))
     scripted_int8.save(str(tmp_path / "int8.pt"))
-    torch.save({"inputs": (q, k, v, rel), "int8_inputs": (qq, kq, vq), "expected": expected,
-                "expected_int8": expected_int8}, tmp_path / "data.pt")
+    torch.save(
+        {"inputs": (q, k, v, rel), "int8_inputs": (qq, kq, vq), "expected": expected, "expected_int8": expected_int8},
+        tmp_path / "data.pt",
+    )
     # a fresh interpreter with torch and the op library only: no networks package on the path
     script = textwrap.dedent(
         f"""
         import sys, torch
         torch.ops.load_library({kernel_library_path()!r})
-        data = torch.load({str(tmp_path / 'data.pt')!r}, weights_only=False)
+        data = torch.load({str(tmp_path / "data.pt")!r}, weights_only=False)
         q, k, v, rel = data["inputs"]
         qq, kq, vq = data["int8_inputs"]
-        fp32 = torch.jit.load({str(tmp_path / 'fp32.pt')!r})
-        int8 = torch.jit.load({str(tmp_path / 'int8.pt')!r})
+        fp32 = torch.jit.load({str(tmp_path / "fp32.pt")!r})
+        int8 = torch.jit.load({str(tmp_path / "int8.pt")!r})
         with torch.no_grad():
             assert torch.equal(fp32(q, k, v, rel), data["expected"])
             assert torch.equal(int8(qq, kq, vq, rel), data["expected_int8"])
@@ -467,8 +482,14 @@ def test_ops_are_recorded_by_script_and_trace_and_load_without_python_classes(tm
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -484,7 +505,7 @@ def test_isa_ops_refuse_unknown_and_unsupported_isas():
         fp32_isa("sse9")(q, k, v, rel, 3, 1)
     # names are matched like networks.isa does: blanks stripped, any case
     assert torch.equal(fp32_isa(" Portable ")(q, k, v, rel, 3, 1), fp32_isa("portable")(q, k, v, rel, 3, 1))
-    missing = ISA_ORDER[len(CPU_ISAS):]
+    missing = ISA_ORDER[len(CPU_ISAS) :]
     for isa in missing:  # never an illegal instruction: a clear error naming the ISA and the CPU's best
         with pytest.raises(RuntimeError, match=f"{isa} code path was requested but this CPU lacks it.*{EXPECTED_ISA}"):
             fp32_isa(isa)(q, k, v, rel, 3, 1)
@@ -515,8 +536,13 @@ def run_with_isa(isa: str, tmp_path: Path, data_file: Path) -> dict:
     """A fresh interpreter (torch and the op library only) with MEDATTN_ISA=isa runs both public ops."""
     out_file = tmp_path / f"out_{isa}.pt"
     env = dict(os.environ, MEDATTN_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, kernel_library_path(), str(data_file), str(out_file)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, kernel_library_path(), str(data_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     if "error" not in report:
@@ -540,15 +566,18 @@ def test_medattn_isa_environment_variable_forces_a_lower_path(tmp_path):
         assert torch.equal(report["int8"], int8_isa(isa)(qq, kq, vq, rel, 3, 2, scale, shift, True))
         # and the same results as every other path, to float rounding
         torch.testing.assert_close(report["fp32"], local_attention_fused(q, k, v, rel, 3, 2), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(report["int8"], local_attention_fused_int8(qq, kq, vq, rel, 3, 2, scale, shift,
-                                                                              True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            report["int8"], local_attention_fused_int8(qq, kq, vq, rel, 3, 2, scale, shift, True), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_medattn_isa_naming_a_path_the_cpu_lacks_raises_a_clear_error(tmp_path):
-    missing = ISA_ORDER[len(CPU_ISAS):]
+    missing = ISA_ORDER[len(CPU_ISAS) :]
     if not missing:
-        pytest.skip(f"this CPU runs the highest code path ({EXPECTED_ISA}): no ISA it lacks can be requested here; "
-                    "the test runs on AVX2-only and older machines")
+        pytest.skip(
+            f"this CPU runs the highest code path ({EXPECTED_ISA}): no ISA it lacks can be requested here; "
+            "the test runs on AVX2-only and older machines"
+        )
     for isa in missing:
         report = run_with_isa(isa, tmp_path, tmp_path / "unused.pt")
         assert f"MEDATTN_ISA: the {isa} code path was requested but this CPU lacks it" in report["error"]
@@ -587,12 +616,24 @@ def test_code_path_runs_on_an_emulated_cpu_without_higher_isas(cpu, isa, tmp_pat
     q, k, v, rel = random_inputs((1, 32, 6, 19), 3, seed=13)
     qq, kq, vq = (channels_last(quantize_min_max(t)) for t in (q, k, v))
     data_file = tmp_path / "inputs.pt"
-    torch.save({"fp32": (q, k, v, rel), "int8": (qq, kq, vq), "expected_fp32": fp32_isa(isa)(q, k, v, rel, 3, 2),
-                "expected_int8": int8_isa(isa)(qq, kq, vq, rel, 3, 2)}, data_file)
+    torch.save(
+        {
+            "fp32": (q, k, v, rel),
+            "int8": (qq, kq, vq),
+            "expected_fp32": fp32_isa(isa)(q, k, v, rel, 3, 2),
+            "expected_int8": int8_isa(isa)(qq, kq, vq, rel, 3, 2),
+        },
+        data_file,
+    )
     env = {key: value for key, value in os.environ.items() if key != "MEDATTN_ISA"}
     # the venv's python is the system interpreter behind a symlink: qemu-user runs it with the host's libraries
-    result = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-c", _QEMU_SCRIPT, kernel_library_path(),
-                             str(data_file)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [qemu, "-cpu", cpu, sys.executable, "-c", _QEMU_SCRIPT, kernel_library_path(), str(data_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["implementations"]["selected_isa"] == isa
@@ -624,8 +665,14 @@ def test_concurrent_first_builds_compile_once_and_both_load(tmp_path):
     env = dict(os.environ, MEDATTN_KERNELS_CACHE=str(tmp_path / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     processes = [
-        subprocess.Popen([sys.executable, "-m", "networks.kernels.build", "--json", "--check"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+        subprocess.Popen(
+            [sys.executable, "-m", "networks.kernels.build", "--json", "--check"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
         for _ in range(2)
     ]
     reports = []
@@ -641,6 +688,11 @@ def test_concurrent_first_builds_compile_once_and_both_load(tmp_path):
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if ".build-" in p.name]
     assert leftovers == []
     # a third run finds it built and returns at once
-    again = subprocess.run([sys.executable, str(REPO_ROOT / "networks" / "kernels" / "build.py")], capture_output=True,
-                           text=True, env=env, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "networks" / "kernels" / "build.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert again.returncode == 0 and "up to date" in again.stdout

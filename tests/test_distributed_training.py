@@ -224,7 +224,10 @@ def test_train_with_two_workers_through_the_server(tmp_path_factory: pytest.Temp
     conf = {"models": "sadnn_cls", "model_dir": str(model_dir)}
     with start_server(server_studies, conf, log_path=log) as server:
         # wrong settings: 422 naming the setting, before any process starts; nothing runs or is published
-        for bad, named in ((dict(workers=0), "workers must be at least 1"), (dict(workers=2, rdzv_endpoint="x"), "HOST:PORT")):
+        for bad, named in (
+            (dict(workers=0), "workers must be at least 1"),
+            (dict(workers=2, rdzv_endpoint="x"), "HOST:PORT"),
+        ):
             r = server.post("/train/sadnn_cls", json={**bad, "max_epochs": 1})
             assert r.status_code == 422 and named in r.json()["detail"], r.text
         assert not list(model_dir.glob("sadnn_cls*.pt"))

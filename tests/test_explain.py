@@ -324,6 +324,7 @@ def _reference_grad_cam(model: nn.Module, images: torch.Tensor, target: int, nam
         def hook(_module, _args, output):
             output.retain_grad()
             activations[name] = output
+
         return hook
 
     handles = [modules[name].register_forward_hook(keep(name)) for name in names]
@@ -417,7 +418,9 @@ def _reference_rollout(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     attentions = [m for m in model.blocks.modules() if isinstance(m, ReAttention)]
     inputs = []
-    handles = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().double())) for m in attentions]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().double())) for m in attentions
+    ]
     try:
         model.eval()
         with torch.no_grad():
@@ -432,7 +435,7 @@ def _reference_rollout(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         qkv = x @ attention.qkv.weight.double().T
         if attention.qkv.bias is not None:
             qkv = qkv + attention.qkv.bias.double()
-        q, k = qkv[..., :heads * d], qkv[..., heads * d: 2 * heads * d]
+        q, k = qkv[..., : heads * d], qkv[..., heads * d : 2 * heads * d]
         q = q.reshape(batch, tokens, heads, d).permute(0, 2, 1, 3)
         k = k.reshape(batch, tokens, heads, d).permute(0, 2, 1, 3)
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
@@ -440,7 +443,9 @@ def _reference_rollout(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         mixed = torch.stack([sum(theta[h, g] * weights[:, h] for h in range(heads)) for g in range(heads)], dim=1)
         bn = attention.norm
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        mixed = (mixed - bn.running_mean.double()[:, None, None]) * scale[:, None, None] + bn.bias.double()[:, None, None]
+        mixed = (mixed - bn.running_mean.double()[:, None, None]) * scale[:, None, None] + bn.bias.double()[
+            :, None, None
+        ]
         joint = mixed.mean(dim=1).clamp(min=0) + torch.eye(tokens, dtype=torch.float64)
         joint = joint / joint.sum(dim=-1, keepdim=True)
         rollout = joint @ rollout

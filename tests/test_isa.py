@@ -68,7 +68,11 @@ def _run_child(script: str, isa: str) -> dict:
     env = isa_environment(isa)
     env["PYTHONPATH"] = str(REPO_ROOT)
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,8 +128,9 @@ def test_quantizer_feeds_fbgemm_7_bit_inputs_and_says_so():
     # every calibration input lands in 0..127 (the top of the range maps to 127, not 255)
     inputs = {id(leaves[0]): torch.cat(calibration), id(leaves[1]): torch.relu(model[0](torch.cat(calibration)))}
     for leaf in leaves:
-        raw = torch.quantize_per_tensor(inputs[id(leaf)].detach(), leaf.input_scale, leaf.input_zero_point,
-                                        torch.quint8).int_repr()
+        raw = torch.quantize_per_tensor(
+            inputs[id(leaf)].detach(), leaf.input_scale, leaf.input_zero_point, torch.quint8
+        ).int_repr()
         assert int(raw.max()) == 127
     eight_bit = quantize_int8(model, calibration, reduce_range=False)
     assert eight_bit.int8_summary["fbgemm_input_bits"] == 8 and not eight_bit.int8_summary["portable"]
@@ -156,13 +161,15 @@ def test_artifact_made_here_runs_the_same_under_each_class(tmp_path):
     data = data_for(config)
     train_images, _, _ = data.split("train")
     held_out, _, _ = data.split("held_out")
-    artifact = save_int8_artifact(quantize_int8(model, list(train_images.split(8))), train_images[:2],
-                                  tmp_path / "sadnn_seg_int8.pt")
+    artifact = save_int8_artifact(
+        quantize_int8(model, list(train_images.split(8))), train_images[:2], tmp_path / "sadnn_seg_int8.pt"
+    )
     torch.save({"x": held_out}, tmp_path / "data.pt")
     outputs = {}
     for isa in ("avx2", "native"):
-        script = ARTIFACT_CHILD.format(data=str(tmp_path / "data.pt"), artifact=str(artifact),
-                                       out=str(tmp_path / f"{isa}.pt"))
+        script = ARTIFACT_CHILD.format(
+            data=str(tmp_path / "data.pt"), artifact=str(artifact), out=str(tmp_path / f"{isa}.pt")
+        )
         report = _run_child(script, isa)
         if isa == "avx2":
             assert report == {"isa": "avx2", "kernels": "avx2"}

@@ -14,7 +14,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # package -> top-level packages of this repository it must never import
 FORBIDDEN = {
     # the one atomic writer: standard library only, so that even the torch-free sample_data can use it
-    "atomic_io": {"tests", "networks", "monailabel", "monailabel_app", "benchmarks", "sample_data", "sample_models", "torch", "numpy"},
+    "atomic_io": {
+        "tests",
+        "networks",
+        "monailabel",
+        "monailabel_app",
+        "benchmarks",
+        "sample_data",
+        "sample_models",
+        "torch",
+        "numpy",
+    },
     "networks": {"tests", "monailabel", "monailabel_app", "benchmarks", "sample_models", "MedAttnSlicerLib"},
     "sample_data": {"tests", "monailabel", "monailabel_app", "benchmarks", "sample_models", "torch"},
     "sample_models": {"tests", "monailabel", "monailabel_app", "benchmarks"},

@@ -227,13 +227,30 @@ def test_token_attentions_share_one_base_and_keep_their_parameter_names():
     from networks.blocks.reattention import ReAttention
     from networks.blocks.token_attention import TokenAttention
 
-    separate = ["to_q.weight", "to_q.bias", "to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias", "to_out.weight",
-                "to_out.bias"]
+    separate = [
+        "to_q.weight",
+        "to_q.bias",
+        "to_k.weight",
+        "to_k.bias",
+        "to_v.weight",
+        "to_v.bias",
+        "to_out.weight",
+        "to_out.bias",
+    ]
     modules = {
         PerformerAttention(32, 4): ["projection", *separate],
         NystromAttention(32, 4, num_landmarks=8): separate,
-        ReAttention(32, 4): ["theta", "qkv.weight", "proj.weight", "proj.bias", "norm.weight", "norm.bias",
-                             "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"],
+        ReAttention(32, 4): [
+            "theta",
+            "qkv.weight",
+            "proj.weight",
+            "proj.bias",
+            "norm.weight",
+            "norm.bias",
+            "norm.running_mean",
+            "norm.running_var",
+            "norm.num_batches_tracked",
+        ],
     }
     for module, keys in modules.items():
         assert isinstance(module, TokenAttention)
@@ -265,7 +282,7 @@ def test_bundled_hct_performer_computes_favor_with_its_own_weights():
         x = torch.randn(2, 20, dim)
         state = layer.state_dict()
 
-        def heads(name):
+        def heads(name, x=x, state=state, layer=layer):
             t = F.linear(x, state[f"{name}.weight"], state[f"{name}.bias"])
             return t.reshape(2, 20, layer.heads, layer.head_dim).transpose(1, 2)
 

@@ -81,7 +81,7 @@ def test_core_gradients_match_autograd_of_reference(shape, kernel_size, heads):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         (fn(*leaves, kernel_size, heads) * upstream).sum().backward()
         grads.append([leaf.grad for leaf in leaves])
-    for name, got, expected in zip("q k v rel".split(), *grads):
+    for name, got, expected in zip(["q", "k", "v", "rel"], *grads):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
 
 

@@ -130,6 +130,7 @@ def test_card_sizes_are_real_file_sizes_and_energy_follows_macs(tmp_path):
     assert card["fp32_size_bytes"] == (tmp_path / "fp32.pt").stat().st_size
     assert card["int8_size_bytes"] == artifact.stat().st_size
     assert card["size_ratio"] == pytest.approx(card["int8_size_bytes"] / card["fp32_size_bytes"])
+
     # sadnn_seg_small from its layer shapes: a local attention layer cin -> cout with a k x k neighbourhood has
     # q, k, v 1x1 projections without bias (3 cin cout) and relative embeddings (cout/2 x k rows + cout/2 x k columns);
     # encoder blocks add a BatchNorm (2 cout); features (8, 16, 32, 64, 64), a 4-wide last layer, 1x1 output 4 -> 2
@@ -162,10 +163,24 @@ def test_card_sizes_are_real_file_sizes_and_energy_follows_macs(tmp_path):
 
 def _fake_cards():
     return [
-        {"name": "a", "params": 100, "macs": 10**9, "fp32_size_bytes": 400, "int8_size_bytes": 110,
-         "energy_fp32_j": 4.6e-3, "energy_int8_j": 2.3e-4},
-        {"name": "b", "params": 10, "macs": 10**7, "fp32_size_bytes": 40, "int8_size_bytes": None,
-         "energy_fp32_j": 4.6e-5, "energy_int8_j": None},
+        {
+            "name": "a",
+            "params": 100,
+            "macs": 10**9,
+            "fp32_size_bytes": 400,
+            "int8_size_bytes": 110,
+            "energy_fp32_j": 4.6e-3,
+            "energy_int8_j": 2.3e-4,
+        },
+        {
+            "name": "b",
+            "params": 10,
+            "macs": 10**7,
+            "fp32_size_bytes": 40,
+            "int8_size_bytes": None,
+            "energy_fp32_j": 4.6e-5,
+            "energy_int8_j": None,
+        },
     ]
 
 
@@ -311,12 +326,14 @@ def test_paper_size_attention_classifier_cards(tmp_path):
     # S60 at 224 x 224: one class-attention query over the 197 tokens (cls + 14 x 14), d 384: q k^T and a v
     assert cards["patchconvnet_s60"]["macs"] == layer_macs["patchconvnet_s60"] + 2 * 197 * 384
     assert 3.0e9 < cards["patchconvnet_s60"]["macs"] < 5.0e9  # the trunk: 60 x (2 x 384^2 + ...) x 196 ~ 3.5 G
+
     # HCT at 2048 x 1664: Performer FAVOR+ in the AC blocks, 8 heads of width dh = d / 8, m = int(dh ln dh) random
     # features; per block 2 N m d (projecting q and k) + 2 N m d (phi(K)^T V, then phi(Q) times it) + N m h (the
     # normaliser). Tokens: stage 4 sees 64 x 52 then 32 x 26, stage 5 32 x 26 then 16 x 13.
     def performer(tokens: int, d: int) -> int:
         m = int((d // 8) * math.log(d // 8))
         return 4 * tokens * m * d + 8 * tokens * m
+
     hct_attention = performer(64 * 52, 64) + 2 * performer(32 * 26, 128) + performer(16 * 13, 256)
     assert hct_attention == 75_741_952
     assert cards["hct"]["macs"] == layer_macs["hct"] + hct_attention

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """INT8 post-training quantisation, TorchScript artifacts and INT8-vs-FP32 agreement.
 
 Agreement is measured on held-out real CT slices/crops (example_ct) with networks trained briefly on the other
@@ -263,9 +264,21 @@ def _fresh_env() -> dict[str, str]:
 def _run_fresh(artifact, inputs: list[torch.Tensor], tmp_path, engine: str = "x86") -> list[torch.Tensor]:
     torch.save(inputs, tmp_path / "inputs.pt")
     result = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS, kernel_library_path(), engine, str(artifact),
-         str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_fresh_env(),
+        [
+            sys.executable,
+            "-c",
+            _FRESH_PROCESS,
+            kernel_library_path(),
+            engine,
+            str(artifact),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_fresh_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "outputs.pt")
@@ -362,8 +375,8 @@ def _agreement(name: str, min_dice: float, min_foreground: int) -> dict:
 # - sadnn_seg_small_2d, with the deterministic (one-thread) training: foreground Dice 0.92, pixel agreement 0.980.
 #   Trained with two threads the same recipe gave 0.977 / 0.997: these briefly trained nets vary that much run to run.
 # - sadnn_cls_small_2d: Dice of the presence decisions 0.949, top-1 agreement 0.933 (28 of 30 held-out slices).
-# - unet_baseline_3d, with the pinned training (sample_models.trained_models.training_environment, the same weights on AVX2 and
-#   AVX-512 machines): agreement Dice 0.951 on 269 FP32 liver voxels of the held-out crops.
+# - unet_baseline_3d, with the pinned training (sample_models.trained_models.training_environment, the same weights
+#   on AVX2 and AVX-512 machines): agreement Dice 0.951 on 269 FP32 liver voxels of the held-out crops.
 # - sadnn_seg_small_3d, trained for 120 steps on four 16x32x32 crops, is weak (FP32 Dice vs label 0.56) and its
 #   uncertain predictions flip easily: INT8 agreement measured 0.885 (voxels 0.973) with the pinned training, the
 #   same on AVX2 and VNNI CPUs (portable artifacts). The bound guards that level.

@@ -25,7 +25,9 @@ def test_sadnn_seg_paper_parameter_count():
     # the output layer is 32 -> 2 with a 1x1 neighbourhood
     encoder = [(1, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)]
     decoder = [(1024, 512), (512, 512), (1024, 512), (512, 256), (512, 256), (256, 128), (256, 64), (128, 32)]
-    expected = sum(_attention_params(i, o) + 2 * o for i, o in encoder) + sum(_attention_params(i, o) for i, o in decoder)
+    expected = sum(_attention_params(i, o) + 2 * o for i, o in encoder) + sum(
+        _attention_params(i, o) for i, o in decoder
+    )
     expected += _attention_params(32, 2, k=1)
     # ../shared/REFERENCE.md: 7,971,298 with relative embeddings; 7,950,720 projection weights (the paper's "7.95M")
     assert count_parameters(net) == expected == 7_971_298

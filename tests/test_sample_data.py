@@ -97,7 +97,12 @@ def liver_store(sample, tmp_path_factory):
 def test_fetch_extracts_the_pinned_files(sample):
     assert {p.name for p in sample.reference_files.iterdir()} == REFERENCE_FILES
     assert len(list(sample.example_ct_dicom.iterdir())) == 20
-    assert {p.name for p in sample.slicerio_dir.iterdir()} == {"CTChest4.nrrd", "Segmentation.seg.nrrd", "LICENSE", ".manifest.json"}
+    assert {p.name for p in sample.slicerio_dir.iterdir()} == {
+        "CTChest4.nrrd",
+        "Segmentation.seg.nrrd",
+        "LICENSE",
+        ".manifest.json",
+    }
     for source in (TOTALSEGMENTATOR, SLICERIO):
         archive = sample.data_dir / "downloads" / source.filename
         assert _sha256(archive) == source.sha256
@@ -107,9 +112,10 @@ def test_fetch_extracts_the_pinned_files(sample):
         for relative, digest in manifest["files"].items():
             assert _sha256(sample.data_dir / source.cache_dir / relative) == digest
     assert "Apache License" in (sample.reference_files / "LICENSE").read_text()
-    assert "MIT" in (sample.slicerio_dir / "LICENSE").read_text() or "Permission is hereby granted" in (
-        sample.slicerio_dir / "LICENSE"
-    ).read_text()
+    assert (
+        "MIT" in (sample.slicerio_dir / "LICENSE").read_text()
+        or "Permission is hereby granted" in (sample.slicerio_dir / "LICENSE").read_text()
+    )
 
 
 def test_class_maps_come_from_the_sdist(sample):
@@ -220,7 +226,9 @@ def test_extraction_refuses_links_and_escaping_paths(tmp_path):
     sneaky = tarfile.TarInfo("pkg/dir/../../../evil.bin")
     sneaky.size = 3
     archive = _tar_with([sneaky], {sneaky.name: b"abc"}, tmp_path / "sneaky.tar.gz")
-    by_dir = SourceArchive("pkg", "1", "sneaky.tar.gz", "0" * 64, 0, "MIT", (), "out", {}, (DirectoryMember("pkg/dir/", "d", 1),))
+    by_dir = SourceArchive(
+        "pkg", "1", "sneaky.tar.gz", "0" * 64, 0, "MIT", (), "out", {}, (DirectoryMember("pkg/dir/", "d", 1),)
+    )
     with pytest.raises(ArchiveContentError):
         extract_members(archive, by_dir, tmp_path / "out3")
     assert not list(tmp_path.rglob("evil.bin"))
@@ -230,7 +238,13 @@ def test_extraction_refuses_links_and_escaping_paths(tmp_path):
 
 
 def test_datastore_labels_sit_on_the_image_grid(liver_store):
-    assert set(liver_store.image_ids) == {"example_ct", "example_ct_sm", "example_mr_sm", "example_ct_dicom", "CTChest4"}
+    assert set(liver_store.image_ids) == {
+        "example_ct",
+        "example_ct_sm",
+        "example_mr_sm",
+        "example_ct_dicom",
+        "CTChest4",
+    }
     assert set(liver_store.labeled_ids) == {"example_ct", "example_ct_sm", "example_mr_sm", "example_ct_dicom"}
     notes = json.loads(liver_store.notes_path.read_text())
     for image_id in liver_store.labeled_ids:
@@ -263,7 +277,9 @@ def test_datastore_notes(liver_store):
 
 
 def test_ct_sm_really_is_a_slab_of_ct(sample):
-    assert np.array_equal(_array(sample.example_ct)[82:112].astype(np.int32), _array(sample.example_ct_sm).astype(np.int32))
+    assert np.array_equal(
+        _array(sample.example_ct)[82:112].astype(np.int32), _array(sample.example_ct_sm).astype(np.int32)
+    )
 
 
 def test_labels_equal_the_totalsegmentator_classes(liver_store, sample):
@@ -282,7 +298,7 @@ def test_dicom_label_is_resampled_onto_the_series(liver_store, sample):
     stored = _array(sample.example_seg_dicom) == 5
     assert liver.sum() == stored.sum() > 100_000
     zs, ys, xs = np.nonzero(liver)
-    assert 0 <= xs.min() and xs.max() < 512 and 0 <= ys.min() and ys.max() < 512 and 0 <= zs.min() and zs.max() < 20
+    assert xs.min() >= 0 and xs.max() < 512 and ys.min() >= 0 and ys.max() < 512 and zs.min() >= 0 and zs.max() < 20
     # Resampled correctly, the label covers soft tissue; copying the stored (flipped) array would not.
     assert 0 < hu[liver].mean() < 200
     assert hu[stored].mean() < 0
@@ -295,7 +311,10 @@ def test_dicom_label_is_resampled_onto_the_series(liver_store, sample):
 
 def test_multi_organ_values_follow_the_order_and_the_modality_map(sample, tmp_path):
     built = build_datastore(
-        ["spleen", "Liver", "aorta"], tmp_path / "ds", data_dir=sample.data_dir, image_ids=["example_ct", "example_mr_sm"]
+        ["spleen", "Liver", "aorta"],
+        tmp_path / "ds",
+        data_dir=sample.data_dir,
+        image_ids=["example_ct", "example_mr_sm"],
     )
     assert built.label_values == {"spleen": 1, "liver": 2, "aorta": 3}
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(built.label_path("example_ct"))))
@@ -311,7 +330,9 @@ def test_multi_organ_values_follow_the_order_and_the_modality_map(sample, tmp_pa
 
 
 def test_organ_missing_from_the_mr_map_skips_the_mr_image(sample, tmp_path):
-    built = build_datastore(["trachea"], tmp_path / "ds", data_dir=sample.data_dir, image_ids=["example_mr_sm", "CTChest4"])
+    built = build_datastore(
+        ["trachea"], tmp_path / "ds", data_dir=sample.data_dir, image_ids=["example_mr_sm", "CTChest4"]
+    )
     assert built.image_ids == ("CTChest4",)
     notes = json.loads(built.notes_path.read_text())
     assert "trachea" in notes["skipped_images"]["example_mr_sm"]
@@ -343,7 +364,9 @@ def test_rebuild_keeps_a_saved_label_unless_forced(sample, tmp_path):
     assert notes["images"]["example_ct_sm"]["label_status"] == "kept_existing"
 
     build_datastore(["liver"], out, data_dir=sample.data_dir, image_ids=["example_ct_sm"], force=True)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))), sitk.GetArrayFromImage(reference))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))), sitk.GetArrayFromImage(reference)
+    )
     assert not list(out.rglob("partial-*"))
 
 

@@ -226,7 +226,9 @@ def test_backbone_norm_replaces_every_batchnorm_and_keeps_the_parameter_count():
     from networks.factory import create_model
 
     batch = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125)
-    instance = BackboneFeatures("resnet10", spatial_dims=2, in_channels=1, width=0.125, norm=("instance", {"affine": True}))
+    instance = BackboneFeatures(
+        "resnet10", spatial_dims=2, in_channels=1, width=0.125, norm=("instance", {"affine": True})
+    )
     assert count_parameters(instance) == count_parameters(batch) == 77_640
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in instance.modules())
     assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in instance.modules()) == sum(
@@ -269,11 +271,18 @@ def test_bundled_scopeformer_reattention_computes_with_its_own_weights():
         if "theta" in state:
             maps = torch.einsum("bhij,hg->bgij", maps, state["theta"])
             if layer.norm_kind == "batch":
-                maps = F.batch_norm(maps, state["norm.running_mean"], state["norm.running_var"],
-                                    state["norm.weight"], state["norm.bias"], eps=layer.norm.eps)
+                maps = F.batch_norm(
+                    maps,
+                    state["norm.running_mean"],
+                    state["norm.running_var"],
+                    state["norm.weight"],
+                    state["norm.bias"],
+                    eps=layer.norm.eps,
+                )
             elif layer.norm_kind == "layer":
-                maps = F.layer_norm(maps.permute(0, 2, 3, 1), (heads,), state["norm.weight"], state["norm.bias"],
-                                    eps=layer.norm.eps).permute(0, 3, 1, 2)
+                maps = F.layer_norm(
+                    maps.permute(0, 2, 3, 1), (heads,), state["norm.weight"], state["norm.bias"], eps=layer.norm.eps
+                ).permute(0, 3, 1, 2)
         out = (maps @ v).transpose(1, 2).reshape(2, 9, dim)
         expected = F.linear(out, state["proj.weight"], state["proj.bias"])
         with torch.no_grad():

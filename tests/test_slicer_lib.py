@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,12 +74,33 @@ def _sadnn_info(train_stats=None):
         "name": "MedAttnSlicer",
         "version": "0.1.0",
         "models": {
-            "sadnn_seg_fp32": {"type": "segmentation", "labels": {"liver": 1}, "dimension": 3, "precision": "fp32",
-                               "twin": "sadnn_seg_int8", "default": False, "model_card": dict(card, precision="fp32")},
-            "sadnn_seg_int8": {"type": "segmentation", "labels": {"liver": 1}, "dimension": 3, "precision": "int8",
-                               "twin": "sadnn_seg_fp32", "default": True, "model_card": card},
-            "sadnn_cls_int8": {"type": "classification", "labels": ["liver", "spleen"], "dimension": 2,
-                               "precision": "int8", "twin": "sadnn_cls_fp32", "default": True, "model_card": {}},
+            "sadnn_seg_fp32": {
+                "type": "segmentation",
+                "labels": {"liver": 1},
+                "dimension": 3,
+                "precision": "fp32",
+                "twin": "sadnn_seg_int8",
+                "default": False,
+                "model_card": dict(card, precision="fp32"),
+            },
+            "sadnn_seg_int8": {
+                "type": "segmentation",
+                "labels": {"liver": 1},
+                "dimension": 3,
+                "precision": "int8",
+                "twin": "sadnn_seg_fp32",
+                "default": True,
+                "model_card": card,
+            },
+            "sadnn_cls_int8": {
+                "type": "classification",
+                "labels": ["liver", "spleen"],
+                "dimension": 2,
+                "precision": "int8",
+                "twin": "sadnn_cls_fp32",
+                "default": True,
+                "model_card": {},
+            },
         },
         "trainers": {"sadnn_seg": {}},
         "strategies": {"random": {}, "int8_disagreement": {}},
@@ -361,9 +383,7 @@ def test_probability_rows():
 
 def test_comparison_training_scores_and_status_text():
     overlay = overlay_from_masks(np.array([[1, 1, 0]]), np.array([[1, 0, 1]]), (10.0, 10.0))
-    assert formatting.comparison_text(overlay) == (
-        "Dice 0.500 | over 0.10 ml | under 0.10 ml | agreement 0.10 ml"
-    )
+    assert formatting.comparison_text(overlay) == ("Dice 0.500 | over 0.10 ml | under 0.10 ml | agreement 0.10 ml")
     assert formatting.comparison_rows(overlay)[1] == ("Over-segmentation", (0.0, 1.0, 0.0), "1", "0.10 ml")
     stats = {"epoch": 3, "total_epochs": 10, "best_metric": 0.8123}
     assert formatting.training_fraction(stats) == pytest.approx(0.3)
@@ -379,12 +399,16 @@ def test_comparison_training_scores_and_status_text():
     }
     assert formatting.score_rows(datastore, "over_under") == [("b", "0.900", "1.50 ml", "0.25 ml")]
     assert formatting.score_rows(datastore, "int8_agreement") == [("a", "0.990", "n/a", "n/a")]
-    datastore["objects"]["c"] = {"image": {"info": {"scores": {"int8_agreement": {"dice": 0.5, "over_voxels": 7,
-                                                                                  "under_voxels": 0}}}}}
+    datastore["objects"]["c"] = {
+        "image": {"info": {"scores": {"int8_agreement": {"dice": 0.5, "over_voxels": 7, "under_voxels": 0}}}}
+    }
     assert formatting.score_rows(datastore, "int8_agreement")[1] == ("c", "0.500", "7", "0")
     assert len(formatting.score_headers("int8_agreement")) == 4 and len(formatting.score_headers("over_under")) == 4
     assert list(formatting.scores_by_image(datastore, "int8_agreement")) == ["a", "c"]
-    assert formatting.score_summary_text(datastore, "int8_agreement") == "int8_agreement: 2 images, mean Dice 0.745 (0.500 .. 0.990)"
+    assert (
+        formatting.score_summary_text(datastore, "int8_agreement")
+        == "int8_agreement: 2 images, mean Dice 0.745 (0.500 .. 0.990)"
+    )
     assert formatting.score_summary_text(datastore, "over_under") == "over_under: 1 image, mean Dice 0.900"
     assert formatting.score_summary_text(datastore, "other") == "other: 0 images scored"
     assert formatting.app_status_text(_sadnn_info()) == "MedAttnSlicer 0.1.0 | 3 models | 4 images, 1 labelled"
@@ -423,8 +447,13 @@ def test_url_history_settings_forms_and_validation():
     assert ServerUrlHistory.from_setting("http://x:9").urls == ["http://x:9"]
     assert ServerUrlHistory.from_setting(["ftp://bad", "http://ok:1"]).urls == ["http://ok:1"]
     assert normalize_server_url(" https://Host.example/monai/ ") == "https://host.example/monai"
-    for bad, message in (("", "empty"), ("ftp://h", "http"), ("http://", "host"), ("http://h:99999", "port"),
-                         ("http://h/?q=1", "query")):
+    for bad, message in (
+        ("", "empty"),
+        ("ftp://h", "http"),
+        ("http://", "host"),
+        ("http://h:99999", "port"),
+        ("http://h/?q=1", "query"),
+    ):
         with pytest.raises(ValueError, match=message):
             normalize_server_url(bad)
     with pytest.raises(ValueError):
@@ -437,7 +466,9 @@ def test_url_history_settings_forms_and_validation():
 def test_job_results_only_through_poll_on_caller_thread():
     runner = JobRunner()
     seen = []
-    job = runner.submit("answer", lambda ctx, x: x * 2, 21, on_finished=lambda e: seen.append((e.result, threading.get_ident())))
+    job = runner.submit(
+        "answer", lambda ctx, x: x * 2, 21, on_finished=lambda e: seen.append((e.result, threading.get_ident()))
+    )
     assert job._posted_final.wait(5)
     assert job.state == JobState.RUNNING and job.result is None and seen == []  # nothing delivered yet
     events = runner.poll()
@@ -550,7 +581,9 @@ def test_multipart_malformed_bodies_raise():
     with pytest.raises(ProtocolError, match="boundary"):
         parse_multipart(b"--x\r\n", "multipart/form-data")
     with pytest.raises(ProtocolError, match="closing boundary"):
-        parse_multipart(b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue', "multipart/form-data; boundary=b")
+        parse_multipart(
+            b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nvalue', "multipart/form-data; boundary=b"
+        )
     with pytest.raises(ProtocolError, match="multipart"):
         parse_multipart(b"{}", "application/json")
     with pytest.raises(ValueError, match="Invalid character"):
@@ -574,13 +607,15 @@ def test_client_server_down_names_the_url():
 
 def test_client_4xx_5xx_carry_status_and_detail(fake_server):
     validation = {"detail": [{"loc": ["query", "image"], "msg": "field required", "type": "missing"}]}
-    server = fake_server({
-        ("POST", "/infer/sadnn_seg_int8"): _json(404, {"detail": "Image 'nope' not found"}),
-        ("GET", "/datastore/image/info"): _json(422, validation),
-        ("GET", "/info/"): lambda r: (500, "text/plain; charset=utf-8", b"Internal Server Error"),
-        ("POST", "/train/sadnn_seg"): _json(429, {"detail": "++++++++++ Train Task is Already Running"}),
-        ("GET", "/train/"): _json(404, {"detail": "No Train Tasks Found"}),
-    })
+    server = fake_server(
+        {
+            ("POST", "/infer/sadnn_seg_int8"): _json(404, {"detail": "Image 'nope' not found"}),
+            ("GET", "/datastore/image/info"): _json(422, validation),
+            ("GET", "/info/"): lambda r: (500, "text/plain; charset=utf-8", b"Internal Server Error"),
+            ("POST", "/train/sadnn_seg"): _json(429, {"detail": "++++++++++ Train Task is Already Running"}),
+            ("GET", "/train/"): _json(404, {"detail": "No Train Tasks Found"}),
+        }
+    )
     client = MonaiLabelClient(server.url, timeout_s=5)
     with pytest.raises(ServerError) as raised:
         client.infer("sadnn_seg_int8", image_id="nope")
@@ -630,10 +665,12 @@ def test_client_timeout_and_non_json(fake_server):
 def test_workflows_reject_answers_without_an_image_or_probabilities(fake_server, tmp_path):
     """Injected faults: a strategy with nothing to offer, a classifier answer without probabilities. (The normal
     next-sample, segment, compare, classify and submit paths run on the real server: test_slicer_lib_server.py.)"""
-    server = fake_server({
-        ("POST", "/activelearning/int8_disagreement"): _json(200, {}),
-        ("POST", "/infer/sadnn_cls_int8"): _json(200, {"slice": 4}),
-    })
+    server = fake_server(
+        {
+            ("POST", "/activelearning/int8_disagreement"): _json(200, {}),
+            ("POST", "/infer/sadnn_cls_int8"): _json(200, {"slice": 4}),
+        }
+    )
     client = MonaiLabelClient(server.url, timeout_s=5, download_dir=str(tmp_path))
     runner = JobRunner()
 
@@ -668,8 +705,9 @@ def test_cancel_running_infer_stops_waiting_immediately(fake_server, tmp_path):
     client = MonaiLabelClient(server.url, timeout_s=5, infer_timeout_s=60, download_dir=str(tmp_path))
     runner = JobRunner()
     cancelled = []
-    job = runner.submit("segment", workflows.segment, client, "sadnn_seg_int8", image_id="c1",
-                        on_cancelled=cancelled.append)
+    job = runner.submit(
+        "segment", workflows.segment, client, "sadnn_seg_int8", image_id="c1", on_cancelled=cancelled.append
+    )
     assert _wait_for(lambda: server.find("POST", "/infer/sadnn_seg_int8"))  # the server is now "computing"
     started = time.monotonic()
     job.cancel()
@@ -698,15 +736,25 @@ class _TrainingServer:
         }
 
     def _record(self):
-        return {"id": "task-1", "status": self.status, "request": {"model": "sadnn_seg"},
-                "details": ["epoch line", "Traceback: CUDA not found"] if self.status == "ERROR" else []}
+        return {
+            "id": "task-1",
+            "status": self.status,
+            "request": {"model": "sadnn_seg"},
+            "details": ["epoch line", "Traceback: CUDA not found"] if self.status == "ERROR" else [],
+        }
 
     def info(self, request):
         stats = {"sadnn_seg": {"start_ts": 100, "epoch": 9, "total_epochs": 9, "best_metric": 0.5}}  # old run
         with self.lock:
             if self.status is not None:
-                stats = {"sadnn_seg": {"start_ts": 200, "epoch": self.epoch, "total_epochs": self.total_epochs,
-                                       "best_metric": 0.1 * self.epoch}}
+                stats = {
+                    "sadnn_seg": {
+                        "start_ts": 200,
+                        "epoch": self.epoch,
+                        "total_epochs": self.total_epochs,
+                        "best_metric": 0.1 * self.epoch,
+                    }
+                }
         return 200, "application/json", json.dumps(_sadnn_info(stats)).encode()
 
     def start(self, request):
@@ -738,8 +786,9 @@ class _TrainingServer:
 def test_training_error_raises_training_failed(fake_server):
     server = fake_server(_TrainingServer("ERROR", total_epochs=1).routes())
     runner = JobRunner()
-    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
-                        poll_interval_s=0.02)
+    job = runner.submit(
+        "train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg", poll_interval_s=0.02
+    )
     runner.wait(job, timeout_s=10)
     assert job.state == JobState.FAILED and isinstance(job.error, TrainingFailed)
     assert "ERROR" in job.message and "CUDA not found" in job.message
@@ -754,8 +803,9 @@ def _long_training_running(fake_server, edit_routes=None):
         edit_routes(training, routes)
     server = fake_server(routes)
     runner = JobRunner()
-    job = runner.submit("train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg",
-                        poll_interval_s=30.0)
+    job = runner.submit(
+        "train", workflows.run_training, MonaiLabelClient(server.url, timeout_s=5), "sadnn_seg", poll_interval_s=30.0
+    )
     assert _wait_for(lambda: training.status == "RUNNING")
     return training, server, runner, job
 
@@ -786,8 +836,11 @@ def test_cancel_training_reports_a_failed_stop(fake_server):
 
 def test_explanation_methods_from_info_with_rise_fallback():
     assert heatmap.explanation_methods({}) == ["rise"] and heatmap.default_explanation(None) == "rise"
-    entry = {"type": "classification", "explanations": ["RISE", "Grad-CAM", "attention_rollout", "class_attention"],
-             "default_explanation": "grad_cam"}
+    entry = {
+        "type": "classification",
+        "explanations": ["RISE", "Grad-CAM", "attention_rollout", "class_attention"],
+        "default_explanation": "grad_cam",
+    }
     assert heatmap.explanation_methods(entry) == ["rise", "grad_cam", "attention_rollout", "class_attention"]
     assert heatmap.default_explanation(entry) == "grad_cam"
     assert heatmap.default_explanation(dict(entry, default_explanation="lime")) == "rise"  # not offered
@@ -797,14 +850,20 @@ def test_explanation_methods_from_info_with_rise_fallback():
     assert ModelCard.from_info("seg", {"type": "segmentation"}).explanations == []
     with pytest.raises(ValueError, match="Model 'cls'.*list of method names"):
         ModelCard.from_info("cls", {"type": "classification", "explanations": "rise"})
-    assert [heatmap.explanation_title(m) for m in ("grad_cam", "RISE", "lime")] == ["Grad-CAM", "RISE (random masks)", "lime"]
+    assert [heatmap.explanation_title(m) for m in ("grad_cam", "RISE", "lime")] == [
+        "Grad-CAM",
+        "RISE (random masks)",
+        "lime",
+    ]
 
 
 def test_axial_axis_follows_the_direction_matrix():
     assert heatmap.axial_index_axis(np.eye(3).ravel()) == 2 and heatmap.axial_array_axis(np.eye(3).ravel()) == 0
     assert heatmap.axial_index_axis([-1, 0, 0, 0, -1, 0, 0, 0, 1]) == 2  # LPS vs RAS: same superior axis
     sagittal_first = np.eye(3)[:, [2, 0, 1]]  # index axis 0 runs superior-inferior
-    assert heatmap.axial_index_axis(sagittal_first.ravel()) == 0 and heatmap.axial_array_axis(sagittal_first.ravel()) == 2
+    assert (
+        heatmap.axial_index_axis(sagittal_first.ravel()) == 0 and heatmap.axial_array_axis(sagittal_first.ravel()) == 2
+    )
     oblique = np.array([[1, 0, 0], [0, 0.8, 0.6], [0, -0.6, 0.8]])
     assert heatmap.axial_index_axis(oblique.ravel()) == 2
     with pytest.raises(ValueError, match="9 finite"):
@@ -830,7 +889,10 @@ def test_heat_map_rescales_the_classified_slice():
     assert heatmap.heat_map_from_saliency(flat, "grad_cam", np.eye(3).ravel(), 0).values.min() == 1.0
     two_d = heatmap.heat_map_from_saliency(np.arange(12, dtype=np.float32).reshape(3, 4), "grad_cam")
     assert two_d.slice_index is None and two_d.values[0, 0] == 0.0 and two_d.values[-1, -1] == 1.0
-    assert formatting.saliency_text(heat, {"saliency_class": "liver"}) == "RISE (random masks) of liver, slice 2: blue 0.4 .. red 0.9"
+    assert (
+        formatting.saliency_text(heat, {"saliency_class": "liver"})
+        == "RISE (random masks) of liver, slice 2: blue 0.4 .. red 0.9"
+    )
 
 
 def test_heat_map_rejects_bad_maps_and_the_wrong_axis():
@@ -862,22 +924,34 @@ def test_heat_map_rejects_bad_maps_and_the_wrong_axis():
 def test_classify_sends_explain_and_rejects_another_method(fake_server, tmp_path):
     def infer_cls(request):
         params = json.loads(_parse_upload(request)[0]["params"])
-        encoder = MultipartEncoder(fields={
-            # a server that knows only RISE ignores "explain"
-            "params": (None, json.dumps({"probabilities": {"liver": 0.9}, "saliency": "RISE", "slice": 1}), "application/json"),
-            "image": ("saliency.nii.gz", io.BytesIO(json.dumps(params).encode()), "application/gzip"),
-        })
+        encoder = MultipartEncoder(
+            fields={
+                # a server that knows only RISE ignores "explain"
+                "params": (
+                    None,
+                    json.dumps({"probabilities": {"liver": 0.9}, "saliency": "RISE", "slice": 1}),
+                    "application/json",
+                ),
+                "image": ("saliency.nii.gz", io.BytesIO(json.dumps(params).encode()), "application/gzip"),
+            }
+        )
         return 200, encoder.content_type, encoder.to_string()
 
     server = fake_server({("POST", "/infer/sadnn_cls_int8"): infer_cls})
     client = MonaiLabelClient(server.url, timeout_s=5, download_dir=str(tmp_path))
     runner = JobRunner()
-    job = runner.wait(runner.submit("c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="RISE",
-                                    params={"rise_masks": 8}), timeout_s=10)
+    job = runner.wait(
+        runner.submit(
+            "c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="RISE", params={"rise_masks": 8}
+        ),
+        timeout_s=10,
+    )
     assert job.state == JobState.FINISHED and job.result.explanation == "rise"
-    assert json.loads(open(job.result.label_path).read()) == {"rise_masks": 8, "explain": "rise"}
-    job = runner.wait(runner.submit("c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="grad_cam"),
-                      timeout_s=10)
+    assert json.loads(Path(job.result.label_path).read_text()) == {"rise_masks": 8, "explain": "rise"}
+    job = runner.wait(
+        runner.submit("c", workflows.classify, client, "sadnn_cls_int8", image_id="c1", explain="grad_cam"),
+        timeout_s=10,
+    )
     assert job.state == JobState.FAILED and isinstance(job.error, ProtocolError)
     assert "asked for a 'grad_cam' explanation but answered with 'rise'" in str(job.error)
 
@@ -895,9 +969,15 @@ def test_cancel_does_not_stop_another_annotators_training_of_the_same_model(fake
     def someone_elses_training(training, routes):
         # The server runs someone else's training of the same model (another task id) when ours is cancelled.
         routes[("GET", "/train/")] = lambda request: (
-            (200, "application/json", json.dumps({"id": "task-of-someone-else", "status": "RUNNING",
-                                                  "request": {"model": "sadnn_seg"}}).encode())
-            if request["query"].get("check_if_running") == "true" else training.task_status(request)
+            (
+                200,
+                "application/json",
+                json.dumps(
+                    {"id": "task-of-someone-else", "status": "RUNNING", "request": {"model": "sadnn_seg"}}
+                ).encode(),
+            )
+            if request["query"].get("check_if_running") == "true"
+            else training.task_status(request)
         )
 
     training, server, runner, job = _long_training_running(fake_server, someone_elses_training)

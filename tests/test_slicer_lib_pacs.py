@@ -16,8 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from MedAttnSlicerLib import JobRunner, JobState, MonaiLabelClient, ServerError, compose_label_map, workflows
 
+from MedAttnSlicerLib import JobRunner, JobState, MonaiLabelClient, ServerError, compose_label_map, workflows
 from scripts.local_pacs import prepare_sample_series
 from tests.image_checks import assert_same_grid, read_array
 from tests.orthanc import PacsHandle, orthanc_pacs, start_pacs_server  # noqa: F401  (fixture)

@@ -174,7 +174,12 @@ def test_next_sample_with_every_strategy(
     expected = {"first": air_study, "tta_uncertainty": UNLABELED, "int8_disagreement": UNLABELED}
     for strategy in strategies:
         sample = _run(
-            runner, workflows.fetch_next_sample, client, strategy, dest_dir=str(tmp_path / strategy), params={"max_slices": 6}
+            runner,
+            workflows.fetch_next_sample,
+            client,
+            strategy,
+            dest_dir=str(tmp_path / strategy),
+            params={"max_slices": 6},
         )
         assert sample.strategy == strategy and sample.image_id in (air_study, UNLABELED), (strategy, sample.info)
         assert sample.image_id == expected.get(strategy, sample.image_id), (strategy, sample.info)
@@ -195,7 +200,9 @@ def test_next_sample_with_every_strategy(
 
 # ------------------------------------------------------------------------------------------- segment
 @pytest.mark.parametrize("model", [SEG_INT8, SEG_FP32])
-def test_segment_int8_and_fp32(server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, model: str):
+def test_segment_int8_and_fp32(
+    server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, model: str
+):
     card = _cards(info, SEGMENTATION)[model]
     result = _run(runner, workflows.segment, client, model, image_id="example_mr_sm")
     label, label_image = read_array(result.label_path)
@@ -239,7 +246,11 @@ def test_compare_on_server_matches_the_lib_overlay(client: MonaiLabelClient, run
         _check_same_figures(local, served.comparison)
         assert formatting.comparison_text(local) == formatting.comparison_text(from_server)
         assert f"Dice {served.comparison['dice']:.3f} vs {reference}" in formatting.comparison_text(local)
-        assert [row[0] for row in formatting.comparison_rows(local)] == ["Agreement", "Over-segmentation", "Under-segmentation"]
+        assert [row[0] for row in formatting.comparison_rows(local)] == [
+            "Agreement",
+            "Over-segmentation",
+            "Under-segmentation",
+        ]
         # independent figures from the two label maps and the voxel spacing (numpy only, none of the lib's code)
         predicted, wanted = int8_label == 1, reference_map == 1
         voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
@@ -263,7 +274,13 @@ def test_classify_probabilities_and_heat_map_for_every_method(
     _, image = read_array(server.studies / "example_mr_sm.nii.gz")
     for method in card.explanations:
         result = _run(
-            runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=7, explain=method,
+            runner,
+            workflows.classify,
+            client,
+            CLS_INT8,
+            image_id="example_mr_sm",
+            slice_index=7,
+            explain=method,
             params={"rise_masks": RISE_MASKS},
         )
         assert result.explanation == method and result.params["slice"] == 7
@@ -272,17 +289,23 @@ def test_classify_probabilities_and_heat_map_for_every_method(
         assert all(float(p.rstrip(" %")) <= 100 for _, p, _ in rows)
         saliency, saliency_image = read_array(result.label_path)
         assert_same_grid(saliency_image, image)
-        heat = heat_map_from_saliency(saliency, result.explanation, saliency_image.GetDirection(), result.params["slice"])
+        heat = heat_map_from_saliency(
+            saliency, result.explanation, saliency_image.GetDirection(), result.params["slice"]
+        )
         assert (heat.array_axis, heat.slice_index) == (0, 7) and heat.peak[0] == 7
         assert heat.values.min() == 0.0 and heat.values.max() == pytest.approx(1.0)
         assert heat.shown.sum() == saliency[7].size
         indices = heat_map_indices(heat, 256)
         assert indices[7].min() >= 1 and indices[7].max() == 255 and not indices[:7].any() and not indices[8:].any()
         colors = heat_map_colors(256)
-        assert colors[0, 3] == 0.0 and tuple(colors[1, :3]) == (0.0, 0.0, 1.0) and tuple(colors[-1, :3]) == (1.0, 0.0, 0.0)
+        assert (
+            colors[0, 3] == 0.0 and tuple(colors[1, :3]) == (0.0, 0.0, 1.0) and tuple(colors[-1, :3]) == (1.0, 0.0, 0.0)
+        )
 
 
-def test_classify_slice_counts_along_the_axial_axis(client: MonaiLabelClient, runner: JobRunner, tmp_path: Path, server: ServerHandle):
+def test_classify_slice_counts_along_the_axial_axis(
+    client: MonaiLabelClient, runner: JobRunner, tmp_path: Path, server: ServerHandle
+):
     """An upload whose first index axis is superior-inferior: the slice and the heat map follow that axis."""
     original = sitk.ReadImage(str(server.studies / "example_mr_sm.nii.gz"))
     permuted = sitk.PermuteAxes(original, [2, 0, 1])  # index axis 0 is now the axial one
@@ -290,13 +313,23 @@ def test_classify_slice_counts_along_the_axial_axis(client: MonaiLabelClient, ru
     params = {"rise_masks": RISE_MASKS}
     upright = _run(runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=5, params=params)
     turned = _run(
-        runner, workflows.classify, client, CLS_INT8, image_file=str(tmp_path / "permuted.nii.gz"), slice_index=5,
+        runner,
+        workflows.classify,
+        client,
+        CLS_INT8,
+        image_file=str(tmp_path / "permuted.nii.gz"),
+        slice_index=5,
         params=params,
     )
     saliency, saliency_image = read_array(turned.label_path)
     assert_same_grid(saliency_image, permuted)
     heat = heat_map_from_saliency(saliency, turned.explanation, saliency_image.GetDirection(), turned.params["slice"])
-    assert heat.array_axis == 2 and heat.slice_index == 5 and heat.shown[:, :, 5].all() and heat.shown.sum() == saliency[:, :, 5].size
+    assert (
+        heat.array_axis == 2
+        and heat.slice_index == 5
+        and heat.shown[:, :, 5].all()
+        and heat.shown.sum() == saliency[:, :, 5].size
+    )
     with pytest.raises(ValueError, match="off the classified slice"):  # read along the wrong axis
         heat_map_from_saliency(saliency, "rise", original.GetDirection(), 5)
     for name, p in upright.probabilities.items():  # the same physical slice was classified
@@ -325,10 +358,15 @@ def test_4xx_errors_carry_the_server_detail(client: MonaiLabelClient, runner: Jo
     ):
         with pytest.raises(ServerError) as raised:
             call()
-        assert raised.value.status == status and words in raised.value.detail, (raised.value.status, raised.value.detail)
+        assert raised.value.status == status and words in raised.value.detail, (
+            raised.value.status,
+            raised.value.detail,
+        )
 
     job = runner.wait(
-        runner.submit("classify", workflows.classify, client, CLS_INT8, image_id="example_mr_sm", explain="no_such_method"),
+        runner.submit(
+            "classify", workflows.classify, client, CLS_INT8, image_id="example_mr_sm", explain="no_such_method"
+        ),
         120,
     )
     assert job.state == JobState.FAILED and isinstance(job.error, ServerError), (job.state, job.message)
@@ -436,9 +474,16 @@ def test_submit_label_as_final_and_read_it_back(
     # a volume that is not in the datastore yet is uploaded first, then labelled
     shutil.copy(server.studies / "example_mr_sm.nii.gz", tmp_path / "new_case.nii.gz")
     mr_final, _ = read_array(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")
-    sitk.WriteImage(sitk.ReadImage(str(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")), str(tmp_path / "new_label.nii.gz"))
+    sitk.WriteImage(
+        sitk.ReadImage(str(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")),
+        str(tmp_path / "new_label.nii.gz"),
+    )
     answer = _run(
-        runner, workflows.submit_label, client, str(tmp_path / "new_label.nii.gz"), image_path=str(tmp_path / "new_case.nii.gz")
+        runner,
+        workflows.submit_label,
+        client,
+        str(tmp_path / "new_label.nii.gz"),
+        image_path=str(tmp_path / "new_case.nii.gz"),
     )
     new_id = answer["image"]
     assert new_id and new_id not in STUDIES
@@ -482,8 +527,12 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
     assert client.image_info(image_id)["scores"]["over_under"] == stored  # /datastore/image/info agrees
     rows = formatting.score_rows(listing, "over_under")
     assert rows == [
-        (i, f"{over_under[i]['dice']:.3f}", formatting.format_ml(over_under[i]["over_ml"]),
-         formatting.format_ml(over_under[i]["under_ml"]))
+        (
+            i,
+            f"{over_under[i]['dice']:.3f}",
+            formatting.format_ml(over_under[i]["over_ml"]),
+            formatting.format_ml(over_under[i]["under_ml"]),
+        )
         for i in labelled
     ]
     assert all(len(row) == len(formatting.score_headers("over_under")) for row in rows)
@@ -503,14 +552,19 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
         assert all(isinstance(figures[k], int) and figures[k] >= 0 for k in _VOXEL_KEYS), figures
         assert figures["dice"] == pytest.approx(
             2 * figures["agreement_voxels"] / (figures["prediction_voxels"] + figures["reference_voxels"])
-            if figures["prediction_voxels"] + figures["reference_voxels"] else 1.0
+            if figures["prediction_voxels"] + figures["reference_voxels"]
+            else 1.0
         )
     assert formatting.scores_by_image(listing, "over_under") == over_under
     rows = formatting.score_rows(listing, "int8_agreement")
     assert [row[0] for row in rows] == sorted(objects)
     assert all(
-        row[1:] == (f"{agreement[row[0]]['dice']:.3f}", str(agreement[row[0]]["over_voxels"]),
-                    str(agreement[row[0]]["under_voxels"]))
+        row[1:]
+        == (
+            f"{agreement[row[0]]['dice']:.3f}",
+            str(agreement[row[0]]["over_voxels"]),
+            str(agreement[row[0]]["under_voxels"]),
+        )
         for row in rows
     )
     assert len(formatting.score_headers("int8_agreement")) == len(rows[0])
@@ -564,7 +618,12 @@ def test_train_briefly_then_train_and_stop(training_server: ServerHandle, runner
     # a long run, stopped from the panel once training has really started
     second: list[str] = []
     job = runner.submit(
-        "train", workflows.run_training, client, "sadnn_seg", dict(tiny, max_epochs=50), poll_interval_s=0.5,
+        "train",
+        workflows.run_training,
+        client,
+        "sadnn_seg",
+        dict(tiny, max_epochs=50),
+        poll_interval_s=0.5,
         on_progress=lambda event: second.append(event.message),
     )
     deadline = time.monotonic() + 120

@@ -16,8 +16,16 @@ import pytest
 from MedAttnSlicerLib import overlay_from_masks
 
 MODULE_PY = Path(__file__).resolve().parents[1] / "MedAttnSlicer" / "MedAttnSlicer.py"
-SLICER_SIDE = ("scene_results", "scene_export", "server_panel", "segmentation_panel", "training_panel",
-               "classification_panel", "qt_tables", "self_test")
+SLICER_SIDE = (
+    "scene_results",
+    "scene_export",
+    "server_panel",
+    "segmentation_panel",
+    "training_panel",
+    "classification_panel",
+    "qt_tables",
+    "self_test",
+)
 
 
 class Node:
@@ -35,29 +43,62 @@ class Node:
         self.segments = []  # (id, name, colour) of a segmentation node
 
     # names, attributes, references
-    def GetID(self): return self.id
-    def GetName(self): return self.name
-    def SetName(self, name): self.name = name
-    def SetAttribute(self, key, value): self.attributes[key] = value
-    def GetAttribute(self, key): return self.attributes.get(key)
-    def GetStorageNode(self): return self.scene.GetNodeByID(self.storageNodeId)
-    def SetAndObserveStorageNodeID(self, nodeId): self.storageNodeId = nodeId
-    def GetModifiedSinceRead(self): return self.modifiedSinceRead
-    def GetFileName(self): return self.fileName
-    def GetTransformNodeID(self): return self.transformNodeId
-    def SetAndObserveTransformNodeID(self, nodeId): self.transformNodeId = nodeId; return True
-    def GetNumberOfDisplayNodes(self): return len(self.displayNodeIds)
-    def GetNthDisplayNode(self, n): return self.scene.GetNodeByID(self.displayNodeIds[n])
-    def GetDisplayNode(self): return self.GetNthDisplayNode(0) if self.displayNodeIds else None
+    def GetID(self):
+        return self.id
+
+    def GetName(self):
+        return self.name
+
+    def SetName(self, name):
+        self.name = name
+
+    def SetAttribute(self, key, value):
+        self.attributes[key] = value
+
+    def GetAttribute(self, key):
+        return self.attributes.get(key)
+
+    def GetStorageNode(self):
+        return self.scene.GetNodeByID(self.storageNodeId)
+
+    def SetAndObserveStorageNodeID(self, nodeId):
+        self.storageNodeId = nodeId
+
+    def GetModifiedSinceRead(self):
+        return self.modifiedSinceRead
+
+    def GetFileName(self):
+        return self.fileName
+
+    def GetTransformNodeID(self):
+        return self.transformNodeId
+
+    def SetAndObserveTransformNodeID(self, nodeId):
+        self.transformNodeId = nodeId
+        return True
+
+    def GetNumberOfDisplayNodes(self):
+        return len(self.displayNodeIds)
+
+    def GetNthDisplayNode(self, n):
+        return self.scene.GetNodeByID(self.displayNodeIds[n])
+
+    def GetDisplayNode(self):
+        return self.GetNthDisplayNode(0) if self.displayNodeIds else None
 
     def CreateDefaultDisplayNodes(self):
         if not self.displayNodeIds:
             self.displayNodeIds.append(self.scene.AddNewNodeByClass(self.className + "Display").GetID())
 
     # volume geometry
-    def GetSpacing(self): return tuple(np.linalg.norm(self.ijkToRas[:3, :3], axis=0))
-    def CopyOrientation(self, other): self.ijkToRas = other.ijkToRas.copy()
-    def GetIJKToRASMatrix(self, matrix): matrix.m = self.ijkToRas.copy()
+    def GetSpacing(self):
+        return tuple(np.linalg.norm(self.ijkToRas[:3, :3], axis=0))
+
+    def CopyOrientation(self, other):
+        self.ijkToRas = other.ijkToRas.copy()
+
+    def GetIJKToRASMatrix(self, matrix):
+        matrix.m = self.ijkToRas.copy()
 
     def GetIJKToRASDirectionMatrix(self, matrix):
         matrix.m = np.eye(4)
@@ -68,11 +109,20 @@ class Node:
         world[:] = list(np.asarray(local, float) + offset)
 
     # segmentation node: it is its own vtkSegmentation here
-    def GetSegmentation(self): return self
-    def SetReferenceImageGeometryParameterFromVolumeNode(self, node): pass
-    def GetNumberOfSegments(self): return len(self.segments)
-    def GetNthSegmentID(self, n): return self.segments[n][0]
-    def GetSegment(self, segmentId): return types.SimpleNamespace(GetName=lambda: dict((s[0], s[1]) for s in self.segments)[segmentId])
+    def GetSegmentation(self):
+        return self
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, node):
+        pass
+
+    def GetNumberOfSegments(self):
+        return len(self.segments)
+
+    def GetNthSegmentID(self, n):
+        return self.segments[n][0]
+
+    def GetSegment(self, segmentId):
+        return types.SimpleNamespace(GetName=lambda: dict((s[0], s[1]) for s in self.segments)[segmentId])
 
     def AddEmptySegment(self, segmentId, name, color):
         self.segments.append((f"segment_{len(self.segments)}", name, tuple(color)))
@@ -96,10 +146,17 @@ class Scene:
         self.nodes[node.id] = node
         return node
 
-    def GetNodeByID(self, nodeId): return self.nodes.get(nodeId) if nodeId else None
-    def IsNodePresent(self, node): return node is not None and self.nodes.get(node.id) is node
-    def RemoveNode(self, node): self.nodes.pop(node.id, None)
-    def GetFirstNodeByName(self, name): return next((n for n in self.nodes.values() if n.name == name), None)
+    def GetNodeByID(self, nodeId):
+        return self.nodes.get(nodeId) if nodeId else None
+
+    def IsNodePresent(self, node):
+        return node is not None and self.nodes.get(node.id) is node
+
+    def RemoveNode(self, node):
+        self.nodes.pop(node.id, None)
+
+    def GetFirstNodeByName(self, name):
+        return next((n for n in self.nodes.values() if n.name == name), None)
 
 
 class Util:
@@ -114,7 +171,8 @@ class Util:
         return str(path)
 
     def _write(self, node, filename):
-        np.save(open(filename, "wb"), node.array)
+        with open(filename, "wb") as f:  # np.save(path) would append ".npy"
+            np.save(f, node.array)
         return True
 
     def saveNode(self, node, filename, properties={}):  # noqa: B006 - Slicer's signature
@@ -142,17 +200,31 @@ class Util:
     def loadVolume(self, filename, properties={}):  # noqa: B006
         return self._load("vtkMRMLScalarVolumeNode", filename, properties)
 
-    def arrayFromVolume(self, node): return node.array
-    def updateVolumeFromArray(self, node, array): node.array, node.modifiedSinceRead = np.asarray(array), True
-    def updateSegmentBinaryLabelmapFromArray(self, array, segmentationNode, segmentId, reference): pass
-    def arrayFromSegmentBinaryLabelmap(self, segmentationNode, segmentId, reference): return reference.array > 0
-    def setSliceViewerLayers(self, **kwargs): pass
+    def arrayFromVolume(self, node):
+        return node.array
+
+    def updateVolumeFromArray(self, node, array):
+        node.array, node.modifiedSinceRead = np.asarray(array), True
+
+    def updateSegmentBinaryLabelmapFromArray(self, array, segmentationNode, segmentId, reference):
+        pass
+
+    def arrayFromSegmentBinaryLabelmap(self, segmentationNode, segmentId, reference):
+        return reference.array > 0
+
+    def setSliceViewerLayers(self, **kwargs):
+        pass
 
 
 class Matrix4x4:
-    def __init__(self): self.m = np.eye(4)
-    def GetElement(self, row, column): return self.m[row, column]
-    def MultiplyPoint(self, point): return tuple(self.m @ np.asarray(point, float))
+    def __init__(self):
+        self.m = np.eye(4)
+
+    def GetElement(self, row, column):
+        return self.m[row, column]
+
+    def MultiplyPoint(self, point):
+        return tuple(self.m @ np.asarray(point, float))
 
 
 class SubjectHierarchy:
@@ -161,14 +233,22 @@ class SubjectHierarchy:
     def __init__(self):
         self.parents = {}
 
-    def GetItemByDataNode(self, node): return node
-    def GetItemParent(self, item): return self.parents.get(item.id, f"study of {item.name}")
-    def SetItemParent(self, item, parent): self.parents[item.id] = parent
+    def GetItemByDataNode(self, node):
+        return node
+
+    def GetItemParent(self, item):
+        return self.parents.get(item.id, f"study of {item.name}")
+
+    def SetItemParent(self, item, parent):
+        self.parents[item.id] = parent
 
 
 class DicomDatabase:
-    def __init__(self, files): self.files, self.isOpen = files, True
-    def fileForInstance(self, uid): return self.files.get(uid, "")
+    def __init__(self, files):
+        self.files, self.isOpen = files, True
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
 
 
 class ParameterNode:
@@ -183,6 +263,7 @@ class ParameterNode:
 def _parameter_node_wrapper(cls):
     def make(parameterNode):
         return ParameterNode(cls)
+
     make.__annotations__ = dict(cls.__annotations__)
     make.wrapped_class = cls
     return make
@@ -193,7 +274,9 @@ def slicer_standin(tmp_path, monkeypatch):
     """Import MedAttnSlicer.py with stand-ins for slicer, qt and vtk; returns (module, scene, util)."""
     scene = Scene()
     util = Util(scene, tmp_path)
-    markups = types.SimpleNamespace(logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *a: util.jumps.append(a[:3])))
+    markups = types.SimpleNamespace(
+        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *a: util.jumps.append(a[:3]))
+    )
     base = type("Base", (), {"__init__": lambda self, *args: None, "getParameterNode": lambda self: None})
     slicer = types.ModuleType("slicer")
     slicer.mrmlScene, slicer.util, slicer.modules = scene, util, types.SimpleNamespace(markups=markups)
@@ -205,8 +288,12 @@ def slicer_standin(tmp_path, monkeypatch):
     )
     slicer.dicomDatabase = DicomDatabase({})
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
+    for name in (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleTest",
+        "ScriptedLoadableModuleWidget",
+    ):
         setattr(scripted, name, type(name, (base,), {}))
     utilModule = types.ModuleType("slicer.util")
     utilModule.VTKObservationMixin = type("VTKObservationMixin", (base,), {})
@@ -215,8 +302,14 @@ def slicer_standin(tmp_path, monkeypatch):
     wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
     vtk = types.ModuleType("vtk")
     vtk.vtkMatrix4x4 = Matrix4x4
-    for name, module in {"slicer": slicer, "slicer.ScriptedLoadableModule": scripted, "slicer.util": utilModule,
-                         "slicer.parameterNodeWrapper": wrapper, "qt": types.ModuleType("qt"), "vtk": vtk}.items():
+    for name, module in {
+        "slicer": slicer,
+        "slicer.ScriptedLoadableModule": scripted,
+        "slicer.util": utilModule,
+        "slicer.parameterNodeWrapper": wrapper,
+        "qt": types.ModuleType("qt"),
+        "vtk": vtk,
+    }.items():
         monkeypatch.setitem(sys.modules, name, module)
     # The Slicer-side modules of MedAttnSlicerLib bind slicer/qt/vtk when imported: import them afresh.
     for name in [n for n in sys.modules if n.startswith("MedAttnSlicerLib.")]:
@@ -242,14 +335,16 @@ def _user_volume(scene, util, tmp_path, transform=None):
 
 
 def _label_file(path, volume):
-    np.save(open(path, "wb"), (volume.array > 0).astype(np.uint8))
+    with open(path, "wb") as f:
+        np.save(f, (volume.array > 0).astype(np.uint8))
     return str(path)
 
 
 def _saliency_file(path, volume):
     saliency = np.zeros(volume.array.shape, np.float32)
     saliency[1] = np.linspace(0.0, 1.0, saliency[1].size).reshape(saliency[1].shape)  # axial slice 1 only
-    np.save(open(path, "wb"), saliency)
+    with open(path, "wb") as f:
+        np.save(f, saliency)
     return str(path)
 
 
@@ -339,8 +434,17 @@ def test_parameter_node_holds_the_panel_state(slicer_standin):
     """Server URL, model choices, reference, input volume and the last results live in the scene's parameter node."""
     module, scene, util = slicer_standin
     fields = module.MedAttnSlicerParameterNode.__annotations__
-    for name in ("serverUrl", "segmentationModel", "classificationModel", "reference", "inputVolume",
-                 "submitSegmentation", "lastSegmentation", "lastOverlay", "lastHeatMap"):
+    for name in (
+        "serverUrl",
+        "segmentationModel",
+        "classificationModel",
+        "reference",
+        "inputVolume",
+        "submitSegmentation",
+        "lastSegmentation",
+        "lastOverlay",
+        "lastHeatMap",
+    ):
         assert name in fields, name
     parameters = module.MedAttnSlicerLogic().getParameterNode()
     assert parameters.reference == "segment" and parameters.inputVolume is None and parameters.serverUrl == ""

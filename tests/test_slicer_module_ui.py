@@ -24,13 +24,27 @@ MODULE_PY = MODULE_DIR / "MedAttnSlicer.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedAttnSlicer.ui"
 LIB_DIR = MODULE_DIR / "MedAttnSlicerLib"
 #: Modules of MedAttnSlicerLib that need Slicer (imported by MedAttnSlicer.py only, never by the package).
-SLICER_SIDE = ("scene_results", "scene_export", "server_panel", "segmentation_panel", "training_panel",
-               "classification_panel", "qt_tables", "self_test")
+SLICER_SIDE = (
+    "scene_results",
+    "scene_export",
+    "server_panel",
+    "segmentation_panel",
+    "training_panel",
+    "classification_panel",
+    "qt_tables",
+    "self_test",
+)
 #: Where the panel's code lives: the module script (Widget core) and its section mixins.
-PANEL_SOURCES = [MODULE_PY] + [LIB_DIR / f"{name}.py" for name in
-                               ("server_panel", "segmentation_panel", "training_panel", "classification_panel")]
-PANEL_CLASSES = {"MedAttnSlicerWidget", "ServerPanelMixin", "SegmentationPanelMixin", "TrainingPanelMixin",
-                 "ClassificationPanelMixin"}
+PANEL_SOURCES = [MODULE_PY] + [
+    LIB_DIR / f"{name}.py" for name in ("server_panel", "segmentation_panel", "training_panel", "classification_panel")
+]
+PANEL_CLASSES = {
+    "MedAttnSlicerWidget",
+    "ServerPanelMixin",
+    "SegmentationPanelMixin",
+    "TrainingPanelMixin",
+    "ClassificationPanelMixin",
+}
 
 #: The one table of widgets the module code uses: name -> Qt/CTK/MRML class in the .ui file.
 WIDGETS = {
@@ -199,17 +213,31 @@ def test_module_compiles_and_defines_slicer_classes(tmp_path):
     }
     assert bases["MedAttnSlicer"] == ["ScriptedLoadableModule"]
     assert bases["MedAttnSlicerWidget"] == [
-        "ScriptedLoadableModuleWidget", "VTKObservationMixin", "ServerPanelMixin", "SegmentationPanelMixin",
-        "TrainingPanelMixin", "ClassificationPanelMixin"]
+        "ScriptedLoadableModuleWidget",
+        "VTKObservationMixin",
+        "ServerPanelMixin",
+        "SegmentationPanelMixin",
+        "TrainingPanelMixin",
+        "ClassificationPanelMixin",
+    ]
     assert bases["MedAttnSlicerLogic"] == ["ScriptedLoadableModuleLogic", "SceneResultsMixin", "SceneExportMixin"]
     assert bases["MedAttnSlicerTest"] == ["ScriptedLoadableModuleTest", "SelfTestCases"]
     assert bases["MedAttnSlicerParameterNode"] == []
     source = MODULE_PY.read_text()
     assert "@parameterNodeWrapper\nclass MedAttnSlicerParameterNode" in source
     lib_source = "\n".join((LIB_DIR / f"{name}.py").read_text() for name in SLICER_SIDE)
-    for call in ("slicer.util.loadUI(", "slicer.util.childWidgetVariables(", "qt.QTimer()", "qt.QSettings()",
-                 "slicer.util.exportNode(", "slicer.util.arrayFromVolume(", "slicer.util.errorDisplay(",
-                 "slicer.util.tempDirectory(", "slicer.util.tryWithErrorDisplay(", ".connectGui(self.ui)"):
+    for call in (
+        "slicer.util.loadUI(",
+        "slicer.util.childWidgetVariables(",
+        "qt.QTimer()",
+        "qt.QSettings()",
+        "slicer.util.exportNode(",
+        "slicer.util.arrayFromVolume(",
+        "slicer.util.errorDisplay(",
+        "slicer.util.tempDirectory(",
+        "slicer.util.tryWithErrorDisplay(",
+        ".connectGui(self.ui)",
+    ):
         assert call in source + lib_source, f"the module should use {call}"
     # User actions report errors through Slicer's tryWithErrorDisplay, not a hand-written decorator.
     assert "_reportErrors" not in source + lib_source
@@ -232,9 +260,16 @@ def test_module_uses_only_names_the_lib_defines():
                 assert hasattr(MedAttnSlicerLib, alias.name) or alias.name in ("formatting", "workflows"), alias.name
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("MedAttnSlicerLib."):
             module = LIB_DIR / (node.module.split(".", 1)[1] + ".py")
-            defined = {n.name for n in ast.parse(module.read_text()).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-            defined |= {t.id for n in ast.parse(module.read_text()).body if isinstance(n, ast.Assign) for t in n.targets
-                        if isinstance(t, ast.Name)}
+            defined = {
+                n.name for n in ast.parse(module.read_text()).body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+            }
+            defined |= {
+                t.id
+                for n in ast.parse(module.read_text()).body
+                if isinstance(n, ast.Assign)
+                for t in n.targets
+                if isinstance(t, ast.Name)
+            }
             for alias in node.names:
                 assert alias.name in defined, f"{node.module} defines no {alias.name}"
     for module, name in re.findall(r"\b(formatting|workflows)\.(\w+)", _panel_source()):
@@ -285,7 +320,9 @@ for name in sorted(set(sys.modules) - before):
 def _cmake_list(text, variable):
     match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
     assert match, f"{variable} is not set"
-    return [item.replace("${MODULE_NAME}", "MedAttnSlicer") for item in match.group(1).split() if not item.startswith("#")]
+    return [
+        item.replace("${MODULE_NAME}", "MedAttnSlicer") for item in match.group(1).split() if not item.startswith("#")
+    ]
 
 
 def test_module_cmakelists_lists_every_file():
@@ -294,10 +331,14 @@ def test_module_cmakelists_lists_every_file():
     on_disk = {
         str(path.relative_to(MODULE_DIR))
         for path in MODULE_DIR.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and path.name != "CMakeLists.txt"
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and path.name != "CMakeLists.txt"
         and path.relative_to(MODULE_DIR).parts[0] != "Testing"  # build-time tests, not installed
     }
-    assert set(listed) == on_disk, f"not listed: {sorted(on_disk - set(listed))}; missing: {sorted(set(listed) - on_disk)}"
+    assert set(listed) == on_disk, (
+        f"not listed: {sorted(on_disk - set(listed))}; missing: {sorted(set(listed) - on_disk)}"
+    )
     assert len(listed) == len(set(listed))
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
@@ -308,14 +349,20 @@ def test_cmake_tests_split_into_a_self_test_and_a_skipping_server_test():
     """The CTest of the module script must pass on build dashboards, where no server runs."""
     testing = MODULE_DIR / "Testing"
     assert "add_subdirectory(Python)" in (testing / "CMakeLists.txt").read_text()
-    registered = re.findall(r"^slicer_add_python_unittest\(SCRIPT (\S+)\)", (testing / "Python" / "CMakeLists.txt").read_text(), re.M)
+    registered = re.findall(
+        r"^slicer_add_python_unittest\(SCRIPT (\S+)\)", (testing / "Python" / "CMakeLists.txt").read_text(), re.M
+    )
     assert registered == ["MedAttnSlicerServerTest.py"]
     server_test = (testing / "Python" / "MedAttnSlicerServerTest.py").read_text()
     ast.parse(server_test, feature_version=(3, 9))
     assert "MEDATTN_SERVER_URL" in server_test and "self.skipTest(" in server_test
     module_test = (LIB_DIR / "self_test.py").read_text() + ast.get_source_segment(
         MODULE_PY.read_text(),
-        next(n for n in ast.parse(MODULE_PY.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerTest"),
+        next(
+            n
+            for n in ast.parse(MODULE_PY.read_text()).body
+            if isinstance(n, ast.ClassDef) and n.name == "MedAttnSlicerTest"
+        ),
     )
     for server_call in ("setServer(", "runBlocking(", "MEDATTN_SERVER_URL", "workflows."):
         assert server_call not in module_test, f"the self-test must not need a server ({server_call})"
@@ -352,20 +399,29 @@ def _widget_uses():
     """How ``MedAttnSlicerWidget`` uses each ``self.ui.<name>``, read from its syntax tree.
 
     Returns name -> set of uses: ``"connect:<signal>"`` (connected to a method the class defines; a handler the
-    class lacks gives ``"undefined handler self.<h> for:<signal>"``), ``"call:<member>"`` (a method called on it), ``"use:<member>"`` (a member read or
-    called: PythonQt exposes getters such as ``currentNode`` as methods, properties such as ``value`` as
-    attributes), ``"arg:<function>"`` (the widget passed to ``self.<function>(...)``).
+    class lacks gives ``"undefined handler self.<h> for:<signal>"``), ``"call:<member>"`` (a method called on it),
+    ``"use:<member>"`` (a member read or called: PythonQt exposes getters such as ``currentNode`` as methods,
+    properties such as ``value`` as attributes), ``"arg:<function>"`` (the widget passed to ``self.<function>(...)``).
     """
-    classes = [n for path in PANEL_SOURCES for n in ast.parse(path.read_text()).body
-               if isinstance(n, ast.ClassDef) and n.name in PANEL_CLASSES]
+    classes = [
+        n
+        for path in PANEL_SOURCES
+        for n in ast.parse(path.read_text()).body
+        if isinstance(n, ast.ClassDef) and n.name in PANEL_CLASSES
+    ]
     assert {c.name for c in classes} == PANEL_CLASSES
     widget_class = ast.Module(body=classes, type_ignores=[])  # the widget and its section mixins, walked as one
     methods = {n.name for c in classes for n in c.body if isinstance(n, ast.FunctionDef)}
 
     def ui_name(node):
         # self.ui.<name>
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             return node.attr
         return None
 
@@ -412,8 +468,11 @@ REQUIRED_USES = {
     # a label nobody writes shows only the .ui placeholder
     "QLabel": [{"call:setText"}],
     # a combo box must be filled and its choice read
-    "QComboBox": [{f"{fill}", f"use:{choice}"} for fill in ("call:addItem", "call:addItems", "arg:fillCombo",
-                                                            "arg:fillModelCombo") for choice in ("currentText", "currentIndex")],
+    "QComboBox": [
+        {f"{fill}", f"use:{choice}"}
+        for fill in ("call:addItem", "call:addItems", "arg:fillCombo", "arg:fillModelCombo")
+        for choice in ("currentText", "currentIndex")
+    ],
     # a node selector's node must be read and its change must update the buttons
     "qMRMLNodeComboBox": [{"use:currentNode", "connect:currentNodeChanged"}],
     "qMRMLSegmentSelectorWidget": [{"use:currentSegmentID", "connect:currentSegmentChanged"}],
@@ -432,4 +491,6 @@ def test_every_widget_has_a_name_in_code_with_handlers(name):
     assert not [use for use in uses if use.startswith("undefined handler")], (name, sorted(uses))
     alternatives = REQUIRED_USES[WIDGETS[name]]
     assert any(required <= uses for required in alternatives), (
-        f"self.ui.{name} ({WIDGETS[name]}) is used as {sorted(uses)}; it needs one of {[sorted(a) for a in alternatives]}")
+        f"self.ui.{name} ({WIDGETS[name]}) is used as {sorted(uses)}; "
+        f"it needs one of {[sorted(a) for a in alternatives]}"
+    )

@@ -8,7 +8,8 @@ combo boxes and table cells.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import (
     MedAttnClientError,
@@ -130,9 +131,7 @@ def _ratio_text(fp32: Optional[float], int8: Optional[float], word: str) -> str:
     return f" (INT8 {float(fp32) / float(int8):.1f}x {word})"
 
 
-def probability_rows(
-    probabilities: Mapping[str, Any], threshold: float = 0.5
-) -> List[Tuple[str, str, str]]:
+def probability_rows(probabilities: Mapping[str, Any], threshold: float = 0.5) -> List[Tuple[str, str, str]]:
     """(class, '87.3 %', 'yes'/'no') rows, most probable first.
 
     Raises:
@@ -209,7 +208,8 @@ def training_text(task: str, status: Optional[str], stats: Optional[Mapping[str,
             pieces.append(f"epoch {stats['epoch']}/{total}" if total else f"epoch {stats['epoch']}")
         best = stats.get("best_metric")
         if isinstance(best, (int, float)) and math.isfinite(float(best)):
-            pieces.append(f"best {_METRIC_NAMES.get(stats.get('metric_name') or 'val_mean_dice', stats.get('metric_name'))} {float(best):.3f}")
+            metric = stats.get("metric_name")
+            pieces.append(f"best {_METRIC_NAMES.get(metric or 'val_mean_dice', metric)} {float(best):.3f}")
     return ", ".join(pieces)
 
 
@@ -253,7 +253,9 @@ def score_rows(datastore: Mapping[str, Any], method: str) -> List[Tuple[str, ...
             if method == "over_under":
                 rows.append((image_id, dice, format_ml(score.get("over_ml")), format_ml(score.get("under_ml"))))
             elif method == "int8_agreement":
-                rows.append((image_id, dice, _fmt_count(score.get("over_voxels")), _fmt_count(score.get("under_voxels"))))
+                rows.append(
+                    (image_id, dice, _fmt_count(score.get("over_voxels")), _fmt_count(score.get("under_voxels")))
+                )
             else:
                 rows.append((image_id, dice))
         else:
@@ -338,11 +340,9 @@ def _fmt_count(value: Any) -> str:
         return _NA
 
 
-
 def table_rows_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain-text table (for logs and the module test's output)."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
-

@@ -68,7 +68,7 @@ class JobEvent:
     """
 
     kind: str
-    job: "Job"
+    job: Job
     fraction: Optional[float] = None
     message: str = ""
     result: Any = None
@@ -175,7 +175,7 @@ class JobRunner:
         gil_release_s: float = GIL_RELEASE_S,
     ) -> None:
         self.gil_release_s = float(gil_release_s)
-        self._events: "queue.Queue[JobEvent]" = queue.Queue()
+        self._events: queue.Queue[JobEvent] = queue.Queue()
         self._jobs: Dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

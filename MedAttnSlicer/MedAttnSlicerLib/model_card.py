@@ -7,8 +7,9 @@ model entries (docs/server_api.md). Other MONAI Label apps omit them; every fiel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from .heatmap import default_explanation, explanation_methods
 
@@ -63,7 +64,7 @@ class ModelCard:
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_info(cls, name: str, entry: Dict[str, Any]) -> "ModelCard":
+    def from_info(cls, name: str, entry: Dict[str, Any]) -> ModelCard:
         """Build from one ``info()["models"][name]`` entry.
 
         Raises:

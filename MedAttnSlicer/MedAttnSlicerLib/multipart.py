@@ -17,8 +17,9 @@ import email.utils
 import mimetypes
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import ProtocolError
 
@@ -75,7 +76,7 @@ def encode_multipart_formdata(
         _check_header_value(name)
         chunks += [
             marker,
-            f'Content-Disposition: form-data; name="{name}"'.encode("utf-8"),
+            f'Content-Disposition: form-data; name="{name}"'.encode(),
             b"",
             str(value).encode("utf-8"),
         ]
@@ -97,7 +98,7 @@ def encode_multipart_formdata(
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         chunks += [
             marker,
-            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode("utf-8"),
+            f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode(),
             f"Content-Type: {content_type}".encode("ascii"),
             b"",
             data,

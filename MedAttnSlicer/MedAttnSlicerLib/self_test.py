@@ -22,17 +22,37 @@ class SelfTestCases:
     logicClass = None
 
     #: Widgets the panel code reaches through self.ui (tests/test_slicer_module_ui.py keeps the full table).
-    UI_NAMES = ("serverComboBox", "usernameLineEdit", "passwordLineEdit", "connectButton", "segModelComboBox",
-                "inputVolumeSelector", "segmentButton", "compareButton", "submitButton", "saveSegmentationButton",
-                "exportDicomSegButton", "trainButton", "stopTrainButton", "classifyButton", "messageLabel")
+    UI_NAMES = (
+        "serverComboBox",
+        "usernameLineEdit",
+        "passwordLineEdit",
+        "connectButton",
+        "segModelComboBox",
+        "inputVolumeSelector",
+        "segmentButton",
+        "compareButton",
+        "submitButton",
+        "saveSegmentationButton",
+        "exportDicomSegButton",
+        "trainButton",
+        "stopTrainButton",
+        "classifyButton",
+        "messageLabel",
+    )
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_WidgetBuilds, self.test_ParameterNodeFollowsTheWidgets,
-                     self.test_UploadCopyLeavesVolumeAlone, self.test_ResultsFollowTransform, self.test_OverlayColours,
-                     self.test_SegmentationSavesAsSegNrrd, self.test_TemporaryNodesLeaveNothing):
+        for test in (
+            self.test_WidgetBuilds,
+            self.test_ParameterNodeFollowsTheWidgets,
+            self.test_UploadCopyLeavesVolumeAlone,
+            self.test_ResultsFollowTransform,
+            self.test_OverlayColours,
+            self.test_SegmentationSavesAsSegNrrd,
+            self.test_TemporaryNodesLeaveNothing,
+        ):
             self.setUp()
             test()
 

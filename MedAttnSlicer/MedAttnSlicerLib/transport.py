@@ -25,7 +25,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any, Callable, List, Optional
 
 from .cancel import CancelToken
 from .errors import OperationCancelled, ProtocolError, ServerError, ServerTimeout, ServerUnavailable
@@ -180,7 +181,7 @@ class Exchange:
     def __post_init__(self) -> None:
         self.registry = _SocketRegistry(self.cancel)
 
-    def __enter__(self) -> "Exchange":
+    def __enter__(self) -> Exchange:
         if self.cancel is not None:
             self.cancel.raise_if_cancelled()
         request = urllib.request.Request(self.url, data=self.body, method=self.method)

@@ -9,7 +9,8 @@ None depending on platform and count, all accepted here).
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any, List, Optional
 
 __all__ = ["ServerUrlHistory", "normalize_server_url", "DEFAULT_SERVER_URL"]
 
@@ -101,7 +102,7 @@ class ServerUrlHistory:
     @classmethod
     def from_setting(
         cls, value: Any, max_size: int = 10, default: Optional[str] = DEFAULT_SERVER_URL
-    ) -> "ServerUrlHistory":
+    ) -> ServerUrlHistory:
         """Rebuild from a stored setting (list, tuple, one string, or None); ``default`` when empty."""
         if value is None:
             urls: List[str] = []

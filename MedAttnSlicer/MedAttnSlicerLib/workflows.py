@@ -96,9 +96,7 @@ def server_reference(choice: str, model: ModelCard) -> str:
     raise ValueError(f"Unknown reference choice '{choice}'; expected segment, final or twin")
 
 
-def connect(
-    ctx: JobContext, client: MonaiLabelClient, username: str = "", password: str = ""
-) -> Dict[str, Any]:
+def connect(ctx: JobContext, client: MonaiLabelClient, username: str = "", password: str = "") -> Dict[str, Any]:
     """Log in when the server asks for it (``GET /auth/``, ``POST /auth/token``), then ``GET /info/``.
 
     The client keeps the token (in memory); the password is used once and not kept.
@@ -141,14 +139,10 @@ def fetch_next_sample(
     ctx.progress(None, f"Asking strategy '{strategy}' for the next image")
     answer = client.next_sample(strategy, params, cancel=ctx.cancel_token)
     if not answer or not answer.get("id"):
-        raise MedAttnClientError(
-            f"Strategy '{strategy}' returned no image: every image may already be labelled"
-        )
+        raise MedAttnClientError(f"Strategy '{strategy}' returned no image: every image may already be labelled")
     image_id = str(answer["id"])
     ctx.progress(0.0, f"Downloading image '{image_id}'")
-    path = client.download_image(
-        image_id, dest_dir, cancel=ctx.cancel_token, progress=lambda f, m: ctx.progress(f, m)
-    )
+    path = client.download_image(image_id, dest_dir, cancel=ctx.cancel_token, progress=lambda f, m: ctx.progress(f, m))
     return NextSample(image_id=image_id, image_path=path, strategy=strategy, info=answer)
 
 
@@ -200,17 +194,13 @@ def compare_on_server(
 ) -> InferResult:
     """Run ``model`` with ``reference``: the label file is the comparison map, ``comparison`` the figures."""
     if not image_id:
-        raise ValueError(
-            "Comparing on the server needs a datastore image: load it with Next sample or submit it first"
-        )
+        raise ValueError("Comparing on the server needs a datastore image: load it with Next sample or submit it first")
     params: Dict[str, Any] = {"reference": reference}
     if reference_label is not None:
         params["reference_label"] = int(reference_label)
     result = segment(ctx, client, model, image_id=image_id, params=params, dest_dir=dest_dir)
     if result.comparison is None:
-        raise ProtocolError(
-            f"Model '{model}' ignored reference '{reference}': its answer has no 'comparison' figures"
-        )
+        raise ProtocolError(f"Model '{model}' ignored reference '{reference}': its answer has no 'comparison' figures")
     return result
 
 

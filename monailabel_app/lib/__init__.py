@@ -1,0 +1,1 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from networks.registry import SERVED_MODELS, LiveMapping
 from monailabel_app.lib.serving import SERVING_CONF_HELP
+from networks.registry import SERVED_MODELS, LiveMapping
 
 __all__ = ["AppConfig", "parse_labels", "default_model_dir", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
 
@@ -168,7 +168,8 @@ class AppConfig:
                 names = [n for n, f in FAMILY_OF.items() if f == item]
             else:
                 raise ValueError(
-                    f"--conf models: unknown model {item!r}; use 'all', families {families} or models {list(MODEL_NAMES)}."
+                    f"--conf models: unknown model {item!r}; use 'all', families {families} "
+                    f"or models {list(MODEL_NAMES)}."
                 )
             selected += [n for n in names if n not in selected]
         if not selected:

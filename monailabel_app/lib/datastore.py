@@ -92,7 +92,9 @@ class SafeLocalDatastore(LocalDatastore):
         if np.issubdtype(values.dtype, np.floating) and not np.allclose(values, np.rint(values)):
             raise BadInputError("the uploaded label has non-integer values; a label map holds integer label values.")
         if values.size and (values.min() < 0 or values.max() > 255):
-            raise BadInputError(f"the uploaded label has values {values.min()}..{values.max()}; label values are 0..255.")
+            raise BadInputError(
+                f"the uploaded label has values {values.min()}..{values.max()}; label values are 0..255."
+            )
         self._archive_existing(image_id, label_tag)
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
@@ -161,4 +163,3 @@ class SafeLocalDatastore(LocalDatastore):
     def refresh_from_disk(self) -> None:
         """Re-read ``datastore_v2.json`` (written by scoring/training subprocesses)."""
         self._init_from_datastore_file()
-

@@ -59,9 +59,7 @@ def resolve_explanation(requested: Any, allowed: Sequence[str], default: str, mo
     method = str(requested).strip().lower()
     if method not in allowed:
         kind = "not available for" if method in EXPLANATIONS else "is not an explanation method of"
-        raise BadInputError(
-            f"explain {requested!r} {kind} {model}; allowed: {', '.join(allowed)} (default {default})."
-        )
+        raise BadInputError(f"explain {requested!r} {kind} {model}; allowed: {', '.join(allowed)} (default {default}).")
     return method
 
 

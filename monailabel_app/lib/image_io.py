@@ -83,7 +83,9 @@ def read_header(path: str, what: str = "image") -> ImageHeader:
         ) from err
     size = tuple(int(s) for s in reader.GetSize())
     if len(size) not in (2, 3):
-        raise BadInputError(f"the {what} has {len(size)} dimensions (size {size}); only 2D and 3D images are supported.")
+        raise BadInputError(
+            f"the {what} has {len(size)} dimensions (size {size}); only 2D and 3D images are supported."
+        )
     return ImageHeader(
         path=path,
         size=size,
@@ -177,7 +179,9 @@ def read_array_on_grid(path: str, header: ImageHeader, what: str = "label") -> n
     if not np.allclose(other.origin, header.origin, atol=max(1e-3, 1e-3 * max(header.spacing))):
         raise BadInputError(f"the {what} origin {other.origin} differs from the image origin {header.origin}.")
     if not np.allclose(other.direction, header.direction, atol=1e-3):
-        raise BadInputError(f"the {what} direction {other.direction} differs from the image direction {header.direction}.")
+        raise BadInputError(
+            f"the {what} direction {other.direction} differs from the image direction {header.direction}."
+        )
     try:
         values = sitk.GetArrayFromImage(sitk.ReadImage(path)).T
     except RuntimeError as err:

@@ -9,9 +9,9 @@ import os
 import threading
 from typing import Any
 
+from monailabel_app.lib.json_files import atomic_write_json, read_json
 from monailabel_app.lib.model_store import ModelFiles, read_app_metadata
 from monailabel_app.lib.preprocess import Preprocessing
-from monailabel_app.lib.json_files import atomic_write_json, read_json
 
 __all__ = ["ModelCards", "CARD_FIELDS"]
 

@@ -9,8 +9,8 @@ Every model *family* (:mod:`networks.registry`) has two files per folder:
 
 Two folders are searched, MONAI Label style (the last existing one is the latest): the bundled weights in the app
 folder (``monailabel_app/model``) and the trained weights (``--conf model_dir``, default ``.data/trained``
-outside the source tree: see :func:`monailabel_app.lib.app_config.default_model_dir`). Training publishes into the trained folder only, so bundled weights are never
-overwritten and a failed run leaves whatever was served before.
+outside the source tree: see :func:`monailabel_app.lib.app_config.default_model_dir`). Training publishes into the
+trained folder only, so bundled weights are never overwritten and a failed run leaves whatever was served before.
 
 Metadata every published file carries (``metadata["app"]``): ``labels`` ({name: class index}), ``preprocess``
 (:class:`~monailabel_app.lib.preprocess.Preprocessing`), ``spatial_dims``, training provenance.
@@ -156,9 +156,7 @@ class NetworkCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[tuple, Any, dict]] = {}
 
-    def get(
-        self, path: str, loader: Callable[[str], tuple[Any, dict]], variant: str = ""
-    ) -> tuple[Any, dict, bool]:
+    def get(self, path: str, loader: Callable[[str], tuple[Any, dict]], variant: str = "") -> tuple[Any, dict, bool]:
         """``(network, metadata, reloaded)`` for ``path``; ``loader(path)`` runs on first use or after a change.
 
         ``variant`` keeps several networks built from one file apart (e.g. ``"eager"``: the FP32 checkpoint without

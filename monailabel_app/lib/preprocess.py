@@ -29,8 +29,8 @@ from monai.transforms import (
     LoadImaged,
     Orientationd,
     Resized,
-    ScaleIntensityRanged,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
     Spacingd,
 )
 
@@ -170,4 +170,3 @@ class Preprocessing:
             t.append(ScaleIntensityRanged(keys=image_key, a_min=mean, a_max=mean + std, b_min=0.0, b_max=1.0))
         t.append(EnsureTyped(keys=keys, dtype="float32", track_meta=True))
         return t
-

@@ -211,10 +211,20 @@ class RequestGuard:
                 "segments a datastore image (GET /datastore/?output=all lists the ids), or upload the image file in "
                 "the multipart field 'file'."
             )
-        elif method == "GET" and path.rstrip("/") == "/datastore/image" and status == 404 and "missing_image" in self.known:
+        elif (
+            method == "GET"
+            and path.rstrip("/") == "/datastore/image"
+            and status == 404
+            and "missing_image" in self.known
+        ):
             image = query.get("image", "")
             detail = self.known["missing_image"](image) if image else "missing query parameter 'image' (an image id)."
-        elif method == "GET" and path.rstrip("/") == "/datastore/label" and status == 404 and "missing_image" in self.known:
+        elif (
+            method == "GET"
+            and path.rstrip("/") == "/datastore/label"
+            and status == 404
+            and "missing_image" in self.known
+        ):
             label, tag = query.get("label", ""), query.get("tag", "")
             images = set(self.known["images"]()) if "images" in self.known else set()
             if label not in images:
@@ -251,5 +261,7 @@ def install_request_guard(known: dict[str, Callable[[], set[str]]]) -> bool:
         fastapi_app.middleware_stack.known = known
         return True
     fastapi_app.middleware_stack = RequestGuard(fastapi_app.middleware_stack, known, settings.MONAI_LABEL_API_STR)
-    logger.info("request guard installed (404 for unknown train tasks / scoring methods, error messages naming the input)")
+    logger.info(
+        "request guard installed (404 for unknown train tasks / scoring methods, error messages naming the input)"
+    )
     return True

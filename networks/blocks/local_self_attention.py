@@ -344,9 +344,7 @@ class LocalSelfAttention(nn.Module):
         """Run the core selected by ``self.backend`` (a key of :data:`ATTENTION_BACKENDS`)."""
         core = ATTENTION_BACKENDS.get(self.backend)
         if core is None:
-            raise ValueError(
-                f"unknown attention backend {self.backend!r}; registered: {sorted(ATTENTION_BACKENDS)}."
-            )
+            raise ValueError(f"unknown attention backend {self.backend!r}; registered: {sorted(ATTENTION_BACKENDS)}.")
         return core(q, k, v, rel, self.kernel_size, self.heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

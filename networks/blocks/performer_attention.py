@@ -90,10 +90,7 @@ def softmax_kernel_features(
     x = x * head_dim**-0.25
     projected = torch.matmul(x, projection.to(x.dtype).T)
     half_sq_norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)
-    if is_query:
-        stabiliser = projected.amax(dim=-1, keepdim=True)
-    else:
-        stabiliser = projected.amax(dim=(-2, -1), keepdim=True)
+    stabiliser = projected.amax(dim=-1, keepdim=True) if is_query else projected.amax(dim=(-2, -1), keepdim=True)
     # the stabiliser is a constant shift, not a function to differentiate through
     stabiliser = stabiliser.detach()
     return projection.shape[0] ** -0.5 * (torch.exp(projected - half_sq_norm - stabiliser) + eps)

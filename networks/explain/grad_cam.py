@@ -133,9 +133,11 @@ def _output_grids(model: nn.Module, example: torch.Tensor, names: set[str]) -> d
     handles = []
     for name, module in model.named_modules():
         if name in names:
+
             def record(_module, _inputs, output, name=name):
                 if isinstance(output, torch.Tensor) and output.ndim == example.ndim:
                     grids[name] = tuple(output.shape[2:])
+
             handles.append(module.register_forward_hook(record))
     try:
         with evaluation_mode(model):
@@ -255,7 +257,12 @@ def grad_cam(
 
 
 def _layer_map(
-    cam: GradCAM, hooked: _RemovableHooks, batch: torch.Tensor, target_class: int, layer_index: int, name: str,
+    cam: GradCAM,
+    hooked: _RemovableHooks,
+    batch: torch.Tensor,
+    target_class: int,
+    layer_index: int,
+    name: str,
     model: nn.Module,
 ) -> torch.Tensor:
     hooked.activations.clear()
@@ -266,7 +273,9 @@ def _layer_map(
         activation = hooked.activations.get(name)
         if activation is None:
             if isinstance(error, KeyError):  # MONAI found no activation: the forward pass never ran the layer
-                raise ValueError(f"layer {name!r} is not called in the forward pass of {type(model).__name__}.") from error
+                raise ValueError(
+                    f"layer {name!r} is not called in the forward pass of {type(model).__name__}."
+                ) from error
             raise  # the forward pass failed before the layer: the model's own error
         if not isinstance(activation, torch.Tensor) or activation.ndim != batch.ndim:
             shape = tuple(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__

@@ -30,7 +30,6 @@ with ``kpad`` / ``vpad`` zero outside the image, exactly like
 from __future__ import annotations
 
 import threading
-from typing import Optional, Union
 
 import torch
 
@@ -107,12 +106,12 @@ def last_build_seconds() -> float | None:
     return _build_seconds
 
 
-def kernel_implementations() -> dict[str, Union[str, list[str]]]:
+def kernel_implementations() -> dict[str, str | list[str]]:
     """What runs in this process, e.g. ``{"fp32": "avx2", "int8": "avx2", "selected_isa": "avx2",
     "cpu_best_isa": "avx2", "available_isas": ["portable", "avx2"]}`` ("fp32" / "int8": the code path of each core,
     "available_isas": every path this CPU can run, lowest first)."""
     load_kernels()
-    report: dict[str, Union[str, list[str]]] = {}
+    report: dict[str, str | list[str]] = {}
     for item in torch.ops.medattn.implementations():
         key, value = item.split("=", 1)
         report[key] = value.split(",") if key == "available_isas" else value
@@ -150,8 +149,8 @@ def local_attention_fused_int8(
     rel: torch.Tensor,
     kernel_size: int,
     heads: int,
-    out_scale: Optional[torch.Tensor] = None,
-    out_shift: Optional[torch.Tensor] = None,
+    out_scale: torch.Tensor | None = None,
+    out_shift: torch.Tensor | None = None,
     relu: bool = False,
 ) -> torch.Tensor:
     """Fused INT8 local self-attention core on quantized q, k, v (inference only), with an optional per-channel

@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     state = f"built in {seconds:.1f} s" if seconds is not None else "up to date"
     print(f"medattn kernels {state}: {path}")
     if implementations is not None:
-        print(f"medattn kernels: this CPU runs the {implementations['selected_isa']} code path (available: "
-              f"{', '.join(implementations['available_isas'])})")
+        print(
+            f"medattn kernels: this CPU runs the {implementations['selected_isa']} code path (available: "
+            f"{', '.join(implementations['available_isas'])})"
+        )
     else:
-        print(f"medattn kernels: this CPU gets the {_cpu_best_isa()} code path (from /proc/cpuinfo; "
-              f"MEDATTN_ISA=avx2|portable forces a lower one)")
+        print(
+            f"medattn kernels: this CPU gets the {_cpu_best_isa()} code path (from /proc/cpuinfo; "
+            f"MEDATTN_ISA=avx2|portable forces a lower one)"
+        )
     return 0
 
 

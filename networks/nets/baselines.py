@@ -55,9 +55,7 @@ def unet_baseline(
     )
 
 
-def resnet18_baseline(
-    spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 14, **kwargs: Any
-) -> ResNet:
+def resnet18_baseline(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 14, **kwargs: Any) -> ResNet:
     """Classification baseline: MONAI ``resnet18`` (randomly initialised), logits for ``out_channels`` classes.
 
     The stem is the usual 7x7 convolution with stride 2 (MONAI's default is stride 1, which costs 4x the compute on

@@ -1,12 +1,12 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """INT8 post-training quantisation of the project's networks and TorchScript artifacts that load without them.
 
-    >>> int8 = quantize_int8(trained_fp32, calibration_batches)
-    >>> save_int8_artifact(int8, example_batch, "sadnn_seg_int8.pt")
-    >>> net = load_int8_artifact("sadnn_seg_int8.pt")  # torch + the kernel op library only
+>>> int8 = quantize_int8(trained_fp32, calibration_batches)
+>>> save_int8_artifact(int8, example_batch, "sadnn_seg_int8.pt")
+>>> net = load_int8_artifact("sadnn_seg_int8.pt")  # torch + the kernel op library only
 """
 
 from networks.quantization.agreement import prediction_agreement
-from networks.quantization.float_parts import describe_float_parts, float_compute_reasons, register_float_compute
 from networks.quantization.artifact import (
     ARTIFACT_FORMAT,
     ArtifactError,
@@ -20,6 +20,7 @@ from networks.quantization.artifact import (
     save_fp32_artifact,
     save_int8_artifact,
 )
+from networks.quantization.float_parts import describe_float_parts, float_compute_reasons, register_float_compute
 from networks.quantization.modules import QuantizedLeaf, QuantizedLocalSelfAttention
 from networks.quantization.quantize import (
     SUPPORTED_BACKENDS,

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """How closely an INT8 network reproduces its FP32 original on real images."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """TorchScript artifacts of FP32 and INT8 networks that load without the project's Python classes.
 
 An artifact is a ``torch.jit.save`` file (scripted when the network's Python is scriptable, otherwise traced and
@@ -25,7 +26,6 @@ import json
 import os
 import warnings
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +242,9 @@ def save_int8_artifact(
     if summary is None:
         raise ValueError("qmodel has no int8_summary: pass a network returned by quantize_int8")
     portability = {"portable": bool(summary["portable"]), "fbgemm_input_bits": int(summary["fbgemm_input_bits"])}
-    return _save_artifact(qmodel, example_input, path, "int8", summary["backend"], {**(metadata or {}), **portability},
-                          method)
+    return _save_artifact(
+        qmodel, example_input, path, "int8", summary["backend"], {**(metadata or {}), **portability}, method
+    )
 
 
 def fused_fp32_model(model: nn.Module) -> nn.Module:

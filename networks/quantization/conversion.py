@@ -146,7 +146,7 @@ def convert_attention(
         if gain is not None:
             output_scale = 1.0 / gain if output_scale is None else output_scale / gain
             summary["value_equalization"][name] = "output rescaled (fused epilogue)"
-        for parent, child_name, child in fused:
+        for parent, child_name, _child in fused:
             setattr(parent, child_name, nn.Identity())
         if fused:
             summary["fused_epilogue"][name] = [type(child).__name__ for _, _, child in fused]
@@ -176,10 +176,7 @@ def convert_leaf(
         summary["kept_float"].append(f"{name}: {type(leaf).__name__} not reached by calibration")
         return None
     out_range = calibrated.ranges[f"{name}#out"]
-    if leaf_kind(leaf) == "conv":
-        qleaf = quantized_conv(leaf, out_range)
-    else:
-        qleaf = quantized_linear(leaf, out_range)
+    qleaf = quantized_conv(leaf, out_range) if leaf_kind(leaf) == "conv" else quantized_linear(leaf, out_range)
     scale, zero_point = calibrated.ranges[f"{name}#in"].qparams()
     summary["leaves"].append(name)
     return QuantizedLeaf(qleaf, scale, zero_point)

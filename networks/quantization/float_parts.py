@@ -1,3 +1,4 @@
+# Copyright MedAttnSlicer contributors. Apache-2.0.
 """What :func:`~networks.quantization.quantize_int8` leaves in float, and why.
 
 ``quantize_int8`` replaces Conv/Linear leaves (and local self-attention) one by one, each as quantise -> INT8 op ->

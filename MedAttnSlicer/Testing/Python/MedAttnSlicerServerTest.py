@@ -64,8 +64,10 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
         reason = _serverUnavailable(url)
         if reason:
             # The extension build dashboards run no server: skip, saying how to run this test.
-            self.skipTest(f"MedAttnSlicer server test skipped: {reason}. Start the server with `make serve` "
-                          "and set MEDATTN_SERVER_URL to run it.")
+            self.skipTest(
+                f"MedAttnSlicer server test skipped: {reason}. Start the server with `make serve` "
+                "and set MEDATTN_SERVER_URL to run it."
+            )
         self.delayDisplay(f"Connecting to {url}")
         logic = MedAttnSlicerLogic()
         try:
@@ -77,8 +79,12 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
     def _runWorkflow(self, logic, url):
         client = logic.setServer(url)
         # MEDATTN_SERVER_USER / MEDATTN_SERVER_PASSWORD: for a server started with authentication.
-        info = logic.runBlocking("connect", logic.connect, os.environ.get("MEDATTN_SERVER_USER", ""),
-                                 os.environ.get("MEDATTN_SERVER_PASSWORD", ""))
+        info = logic.runBlocking(
+            "connect",
+            logic.connect,
+            os.environ.get("MEDATTN_SERVER_USER", ""),
+            os.environ.get("MEDATTN_SERVER_PASSWORD", ""),
+        )
         self.assertIs(logic.info, info)
         segCards = {card.name: card for card in logic.modelCards(SEGMENTATION)}
         for name in (self.SEG_INT8, self.SEG_FP32):
@@ -93,7 +99,11 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
         except MedAttnClientError:
             # every image is labelled already (e.g. a second run): the app's own strategy can pick among all
             sample = logic.runBlocking(
-                "next", workflows.fetch_next_sample, client, "int8_disagreement", dest_dir=logic.tempDir,
+                "next",
+                workflows.fetch_next_sample,
+                client,
+                "int8_disagreement",
+                dest_dir=logic.tempDir,
                 params={"images": "all", "max_slices": 8},
             )
         volumeNode = logic.loadImage(sample.image_path, sample.image_id)
@@ -118,7 +128,12 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
         expectedColors = [SEGMENT_STYLES[v][1] for v in (AGREEMENT, OVER_SEGMENTATION, UNDER_SEGMENTATION)]
         self.assertEqual([segment.color for segment in local.segments], expectedColors)
         served = logic.runBlocking(
-            "compare twin", workflows.compare_on_server, client, self.SEG_INT8, sample.image_id, self.SEG_FP32,
+            "compare twin",
+            workflows.compare_on_server,
+            client,
+            self.SEG_INT8,
+            sample.image_id,
+            self.SEG_FP32,
             dest_dir=logic.tempDir,
         )
         overlay, labelNode = logic.overlayFromComparisonFile(served.label_path, served.comparison, self.SEG_FP32)
@@ -135,14 +150,23 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
         )
         self.assertEqual(answer["image"], sample.image_id)
         final = logic.runBlocking(
-            "compare final", workflows.compare_on_server, client, self.SEG_FP32, sample.image_id, "final",
+            "compare final",
+            workflows.compare_on_server,
+            client,
+            self.SEG_FP32,
+            sample.image_id,
+            "final",
             dest_dir=logic.tempDir,
         )
         self.assertGreater(float(final.comparison["dice"]), 0.99)
 
         self.delayDisplay("Train briefly, then stop")
         job = logic.runner.submit(
-            "train", workflows.run_training, client, self.TRAIN_TASK, {"max_epochs": 50, "num_samples": 2},
+            "train",
+            workflows.run_training,
+            client,
+            self.TRAIN_TASK,
+            {"max_epochs": 50, "num_samples": 2},
             poll_interval_s=1.0,
         )
         deadline = time.monotonic() + 120.0
@@ -161,8 +185,14 @@ class MedAttnSlicerServerTest(ScriptedLoadableModuleTest):
         for method in clsCard.explanations:  # every explanation the server offers (RISE when it lists none)
             self.delayDisplay(f"Classify with a {method} heat map")
             result = logic.runBlocking(
-                "classify", workflows.classify, client, self.CLS_INT8, image_id=sample.image_id,
-                dest_dir=logic.tempDir, explain=method, params={"rise_masks": 64},
+                "classify",
+                workflows.classify,
+                client,
+                self.CLS_INT8,
+                image_id=sample.image_id,
+                dest_dir=logic.tempDir,
+                explain=method,
+                params={"rise_masks": 64},
             )
             self.assertEqual(result.explanation, method)
             rows = formatting.probability_rows(result.probabilities)

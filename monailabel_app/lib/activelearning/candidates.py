@@ -13,7 +13,8 @@ __all__ = ["candidate_images", "store_score"]
 
 
 def candidate_images(request: dict[str, Any], datastore: Datastore) -> list[str]:
-    """Image ids for ``request["images"]``: ``"unlabeled"`` (default: no ``final`` label), ``"labeled"`` or ``"all"``."""
+    """Image ids for ``request["images"]``: ``"unlabeled"`` (default: no ``final`` label), ``"labeled"`` or
+    ``"all"``."""
     which = str(request.get("images") or "unlabeled").lower()
     if which == "unlabeled":
         return sorted(datastore.get_unlabeled_images())

@@ -71,7 +71,9 @@ class Int8Disagreement(Strategy):
         dice: dict[str, float] = {}
         for image_id in images:
             cached = (datastore.get_image_info(image_id).get("scores") or {}).get("int8_agreement") or {}
-            if (cached.get("int8_version"), cached.get("fp32_version")) == versions and cached.get("max_slices") == max_slices:
+            if (cached.get("int8_version"), cached.get("fp32_version")) == versions and cached.get(
+                "max_slices"
+            ) == max_slices:
                 dice[image_id] = float(cached["dice"])
                 continue
             figures = int8_fp32_agreement(self.int8_task, self.fp32_task, datastore.get_image_uri(image_id), max_slices)

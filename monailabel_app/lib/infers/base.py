@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 def served_labels(model_labels: dict[str, int], app_labels: dict[str, int]) -> dict[str, int]:
     """Output value of each class of a model: the app's (datastore's) value for that name, else the class index."""
-    return {name: int(app_labels.get(name, index)) for name, index in sorted(model_labels.items(), key=lambda kv: kv[1])}
+    return {
+        name: int(app_labels.get(name, index)) for name, index in sorted(model_labels.items(), key=lambda kv: kv[1])
+    }
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ class AppInferTask(BasicInferTask):
     def model_path(self) -> str:
         path = self.files.current(self.precision)
         if not path:
-            raise NotFoundError(f"model {self.name!r} has no weights file (looked for {self.files.paths(self.precision)}).")
+            raise NotFoundError(
+                f"model {self.name!r} has no weights file (looked for {self.files.paths(self.precision)})."
+            )
         return path
 
     def load(self) -> tuple[torch.nn.Module, dict[str, Any], str]:

@@ -35,7 +35,11 @@ def axial_axis(affine: np.ndarray) -> int:
 
 
 def working_slice_index(
-    original_affine: np.ndarray, original_shape: tuple[int, ...], working_affine: np.ndarray, working_depth: int, index: int
+    original_affine: np.ndarray,
+    original_shape: tuple[int, ...],
+    working_affine: np.ndarray,
+    working_depth: int,
+    index: int,
 ) -> int:
     """Axial index on the working (RAS, resampled) grid of the original slice ``index`` along the original axial axis.
 

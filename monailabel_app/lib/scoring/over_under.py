@@ -57,9 +57,7 @@ class OverUnderScoring(ScoringMethod):
                 }
             )
             figures = dict(data["result"]["comparison"])
-            figures.update(
-                {"model": name, "model_version": data["_metadata"].get("_version"), "ts": int(time.time())}
-            )
+            figures.update({"model": name, "model_version": data["_metadata"].get("_version"), "ts": int(time.time())})
             store_score(datastore, image_id, "over_under", figures)
             result[image_id] = figures
             logger.info(f"over_under {image_id}: Dice {figures['dice']:.4f}")

@@ -233,9 +233,7 @@ class AppTrainTask(DataParallelTrain, BasicTrainTask):
             return
         train_metric, val_metric = self.key_metric_names()
         metric = val_metric if context.evaluator else train_metric
-        context.progress = TrainProgress(
-            self.stats_path, self.spec.family, context.run_id, context.max_epochs, metric
-        )
+        context.progress = TrainProgress(self.stats_path, self.spec.family, context.run_id, context.max_epochs, metric)
         context.progress.attach(context.trainer, context.evaluator)
         context.progress.write(**self._data_roles(context), distributed=distributed)
 
@@ -305,13 +303,17 @@ class AppTrainTask(DataParallelTrain, BasicTrainTask):
             network.load_state_dict(state.get(self._model_dict_key, state))
         prep = self._prep(context)
         factory_name, factory_kwargs, start_meta = context.factory
-        calibration, used = calibration_slices(
-            context.train_datalist,  # never the held-out / excluded images
-            prep,
-            list(self.app_labels.values()),
-            n_slices=int(context.request.get("calibration_slices", 32)),
-            seed=int(context.request.get("seed", 0)),
-        ) if self.spec.int8 else ([], [])
+        calibration, used = (
+            calibration_slices(
+                context.train_datalist,  # never the held-out / excluded images
+                prep,
+                list(self.app_labels.values()),
+                n_slices=int(context.request.get("calibration_slices", 32)),
+                seed=int(context.request.get("seed", 0)),
+            )
+            if self.spec.int8
+            else ([], [])
+        )
         app_meta = {
             "family": self.spec.family,
             "task": self.spec.task,

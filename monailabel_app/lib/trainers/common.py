@@ -133,7 +133,11 @@ def initial_network(
         factory_name = metadata["factory_name"]
         factory_kwargs = dict(metadata["factory_kwargs"])
         old_classes = app_meta.get("classes") or app_meta.get("labels") or {}
-        old_names = [n for n, _ in sorted(old_classes.items(), key=lambda kv: kv[1])] if isinstance(old_classes, dict) else list(old_classes)
+        old_names = (
+            [n for n, _ in sorted(old_classes.items(), key=lambda kv: kv[1])]
+            if isinstance(old_classes, dict)
+            else list(old_classes)
+        )
         if old_names == list(class_names):
             logger.info(f"starting from {path} ({factory_name})")
             return model.train(), factory_name, factory_kwargs, app_meta
@@ -143,7 +147,9 @@ def initial_network(
         kept = {k: v for k, v in model.state_dict().items() if k in state and state[k].shape == v.shape}
         state.update(kept)
         fresh.load_state_dict(state)
-        logger.info(f"classes changed {old_names} -> {list(class_names)}: kept {len(kept)}/{len(state)} tensors of {path}")
+        logger.info(
+            f"classes changed {old_names} -> {list(class_names)}: kept {len(kept)}/{len(state)} tensors of {path}"
+        )
         return fresh.train(), factory_name, factory_kwargs, app_meta
     factory_kwargs = dict(spec.factory_kwargs)
     factory_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in factory_kwargs.items()}
@@ -218,7 +224,9 @@ def publish_trained(
     result: dict[str, Any] = {}
     try:
         fp32_tmp = os.path.join(files.trained_dir, f".{files.filename('fp32')}.{run_id}.staged")
-        save_checkpoint(model, fp32_tmp, factory_name=factory_name, factory_kwargs=factory_kwargs, metadata={"app": app_meta})
+        save_checkpoint(
+            model, fp32_tmp, factory_name=factory_name, factory_kwargs=factory_kwargs, metadata={"app": app_meta}
+        )
         staged[files.publish_path("fp32")] = fp32_tmp
         if spec.int8:
             from networks.kernels import load_kernels
@@ -228,7 +236,9 @@ def publish_trained(
             start = time.time()
             qmodel = quantize_int8(model, calibration, **spec.int8.quantize_options)
             agreement = prediction_agreement(model, qmodel, calibration)
-            agreement = {k: _number(v) for k, v in agreement.items() if isinstance(v, (int, float, str, np.number, torch.Tensor))}
+            agreement = {
+                k: _number(v) for k, v in agreement.items() if isinstance(v, (int, float, str, np.number, torch.Tensor))
+            }
             result["int8_agreement"] = agreement
             int8_meta = dict(app_meta)
             int8_meta["int8_agreement_on_calibration"] = agreement

@@ -52,6 +52,7 @@ __all__ = ["DataParallelTrain"]
 
 logger = logging.getLogger(__name__)
 
+
 # request fields that say how many ranks run and where they meet (the launcher's, not the ranks')
 class DataParallelTrain:
     """Mixin: data-parallel training over ``torchrun`` ranks for a ``BasicTrainTask`` subclass.

@@ -1,7 +1,7 @@
 # Copyright MedAttnSlicer contributors. Apache-2.0.
 """Segmentation train task (MONAI Label ``BasicTrainTask``): 2D slices sampled from the labelled volumes,
-foreground-weighted, MONAI ``DiceLoss`` (or ``DiceCELoss``); validation Dice on whole volumes slice by slice; at the end the INT8
-artifact is re-quantised on the datastore's labelled images and FP32 + INT8 are published atomically."""
+foreground-weighted, MONAI ``DiceLoss`` (or ``DiceCELoss``); validation Dice on whole volumes slice by slice; at the
+end the INT8 artifact is re-quantised on the datastore's labelled images and FP32 + INT8 are published atomically."""
 
 from __future__ import annotations
 
@@ -120,10 +120,18 @@ class SegmentationTrain(AppTrainTask):
         return SlidingWindowInferer(roi_size=prep.roi_size, sw_batch_size=1, overlap=0.25)
 
     def train_key_metric(self, context: Context):
-        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+        return {
+            self.TRAIN_METRIC_MEAN_DICE: MeanDice(
+                output_transform=from_engine(["pred", "label"]), include_background=False
+            )
+        }
 
     def val_key_metric(self, context: Context):
-        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=False)}
+        return {
+            self.VAL_METRIC_MEAN_DICE: MeanDice(
+                output_transform=from_engine(["pred", "label"]), include_background=False
+            )
+        }
 
     def key_metric_names(self) -> tuple[str, str]:
         return self.TRAIN_METRIC_MEAN_DICE, self.VAL_METRIC_MEAN_DICE

@@ -73,7 +73,9 @@ class PresenceTargetd(MapTransform):
         min_voxels: a class is present in a slice with at least this many voxels (ignores specks at organ tips).
     """
 
-    def __init__(self, keys: KeysCollection, num_classes: int, min_voxels: int = 5, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, num_classes: int, min_voxels: int = 5, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_classes = int(num_classes)
         self.min_voxels = int(min_voxels)

@@ -84,7 +84,11 @@ class ResampleToInputGridd(MapTransform):
 
     @staticmethod
     def _separable(
-        values: torch.Tensor, working_affine: torch.Tensor, input_affine: torch.Tensor, start: list[int], stop: list[int]
+        values: torch.Tensor,
+        working_affine: torch.Tensor,
+        input_affine: torch.Tensor,
+        start: list[int],
+        stop: list[int],
     ) -> torch.Tensor:
         """Linear interpolation of ``values`` at the input voxels ``[start, stop)``, one axis at a time.
 
