@@ -64,7 +64,7 @@ class ServerHandle:
     port: int
     proc: subprocess.Popen
     app_dir: Path
-    studies: Path
+    studies: Path | str
     conf: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
 
@@ -138,7 +138,7 @@ def start_server(
     """Start ``monailabel start_server`` on ``studies_dir`` and wait until ``GET ready_path`` answers 200.
 
     Args:
-        studies_dir: datastore folder (use a copy: the server writes into it).
+        studies_dir: datastore folder (use a copy: the server writes into it), or a DICOMweb URL.
         conf: ``--conf`` key/values (default ``{"models": "all"}``).
         app_dir: the MONAI Label app folder.
         host: bind address.
@@ -154,7 +154,8 @@ def start_server(
     """
     conf = dict(conf or {"models": "all"})
     port = port or free_port(host)
-    studies = Path(studies_dir).resolve()
+    # a datastore folder, or a PACS's DICOMweb URL (http(s)://...), passed on as it is
+    studies = str(studies_dir) if str(studies_dir).startswith(("http://", "https://")) else Path(studies_dir).resolve()
     log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="monailabel_server_", suffix=".log")[1])
     cmd = [
         str(VENV_BIN / "monailabel"),

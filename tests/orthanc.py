@@ -10,26 +10,21 @@ Tests that need Orthanc skip, with the install command, where it is not installe
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 
 from scripts.local_pacs import Orthanc, find_orthanc, prepare_sample_series, secondary_capture_rgb
-from tests.server_fixture import APP_DIR, ServerHandle, ServerStartError, free_port
+from tests.server_fixture import ServerHandle, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 __all__ = [
     "PacsHandle",
-    "launch_server",
     "orthanc_pacs",
     "pacs_server",
     "require_orthanc",
@@ -114,59 +109,7 @@ def start_pacs_server(
     environment.update(env or {})
     workdir.mkdir(parents=True, exist_ok=True)
     conf = {"models": "sadnn_seg", "model_dir": str(workdir / "models"), **(conf or {})}
-    return launch_server(pacs_url, conf, env=environment, log_path=workdir / "server.log", **kwargs)
-
-
-def launch_server(
-    studies_url: str,
-    conf: dict[str, str],
-    env: dict[str, str],
-    log_path: Path,
-    timeout: float = 240.0,
-) -> ServerHandle:
-    """``monailabel start_server --studies <URL>`` (the launcher of :mod:`tests.server_fixture` takes folders only),
-    on an ephemeral 127.0.0.1 port; returns once ``/info/`` answers.
-
-    Raises:
-        ServerStartError: the server exited or did not answer in time (its log tail in the message).
-    """
-    port = free_port()
-    cmd = [
-        str(VENV_BIN / "monailabel"),
-        "start_server",
-        "--app",
-        str(APP_DIR),
-        "--studies",
-        studies_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    for key, value in conf.items():
-        cmd += ["--conf", key, str(value)]
-    environment = dict(os.environ)
-    environment["PATH"] = f"{VENV_BIN}{os.pathsep}{environment.get('PATH', '')}"
-    environment["MONAILABEL_PYEXE"] = sys.executable
-    environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), environment.get("PYTHONPATH", "")) if p)
-    environment.update(env)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=str(log_path.parent), start_new_session=True
-        )
-    handle = ServerHandle(f"http://127.0.0.1:{port}", port, proc, APP_DIR, studies_url, conf, log_path)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise ServerStartError(f"server exited with code {proc.returncode}:\n{handle.log_tail()}")
-        try:
-            if requests.get(handle.url + "/info/", timeout=30).status_code == 200:
-                return handle
-        except requests.RequestException:
-            pass
-        time.sleep(1.0)
-    handle.stop()
-    raise ServerStartError(f"server did not answer /info/ within {timeout:.0f} s:\n{handle.log_tail()}")
+    return start_server(pacs_url, conf, env=environment, log_path=workdir / "server.log", **kwargs)
 
 
 @pytest.fixture(scope="module")

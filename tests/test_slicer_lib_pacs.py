@@ -10,30 +10,21 @@ the series nobody labelled. The lib's error for a series no model takes names th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
-from MedAttnSlicerLib import JobRunner, JobState, MonaiLabelClient, ServerError, compose_label_map, workflows
+from MedAttnSlicerLib import JobRunner, MonaiLabelClient, ServerError, compose_label_map, workflows
 from scripts.local_pacs import prepare_sample_series
 from tests.image_checks import assert_same_grid, read_array
 from tests.orthanc import PacsHandle, orthanc_pacs, start_pacs_server  # noqa: F401  (fixture)
+from tests.slicer_jobs import run_workflow
 
 pytestmark = pytest.mark.slow
 
 SEG_INT8 = "sadnn_seg_int8"
-
-
-def _run(runner: JobRunner, function, *args, timeout_s: float = 300.0, **kwargs) -> Any:
-    """Run a workflow as the panel does (worker thread) and return its result."""
-    job = runner.wait(runner.submit(function.__name__, function, *args, **kwargs), timeout_s=timeout_s)
-    if job.state == JobState.FAILED:
-        raise job.error
-    assert job.state == JobState.FINISHED, (job.state, job.message)
-    return job.result
 
 
 def _seg_series(pacs: PacsHandle) -> list[dict]:
@@ -60,14 +51,16 @@ def test_label_from_slicer_reaches_the_pacs_and_the_next_workstation(
     # workstation A
     with start_pacs_server(orthanc_pacs.url, tmp_path / "server_a") as server_a:
         client = MonaiLabelClient(server_a.url, timeout_s=120.0, client_id="slicer-a", download_dir=str(tmp_path / "a"))
-        info = _run(runner, workflows.connect, client)
+        info = run_workflow(runner, workflows.connect, client)
         assert info["default_model"] == SEG_INT8
-        sample = _run(runner, workflows.fetch_next_sample, client, "first", dest_dir=str(tmp_path / "a_image"))
+        sample = run_workflow(runner, workflows.fetch_next_sample, client, "first", dest_dir=str(tmp_path / "a_image"))
         image_id = sample.image_id
         assert image_id in (orthanc_pacs.ct_series, second)
         image = sitk.ReadImage(sample.image_path)
         assert image.GetSize() == (512, 512, 20)
-        result = _run(runner, workflows.segment, client, SEG_INT8, image_id=image_id, dest_dir=str(tmp_path / "a_seg"))
+        result = run_workflow(
+            runner, workflows.segment, client, SEG_INT8, image_id=image_id, dest_dir=str(tmp_path / "a_seg")
+        )
         auto, grid = read_array(result.label_path)
         assert_same_grid(grid, image)
         assert np.count_nonzero(auto == 1) > 1000
@@ -77,7 +70,9 @@ def test_label_from_slicer_reaches_the_pacs_and_the_next_workstation(
         label_image = sitk.GetImageFromArray(edited)
         label_image.CopyInformation(grid)
         sitk.WriteImage(label_image, str(tmp_path / "edited.nii.gz"))
-        answer = _run(runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id)
+        answer = run_workflow(
+            runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id
+        )
         assert answer["image"] == image_id
         # a series no model takes: the lib's error carries the server's 422 and its reason
         with pytest.raises(ServerError) as refused:
@@ -91,7 +86,7 @@ def test_label_from_slicer_reaches_the_pacs_and_the_next_workstation(
     # workstation B: an empty cache; the label comes from the PACS
     with start_pacs_server(orthanc_pacs.url, tmp_path / "server_b") as server_b:
         client = MonaiLabelClient(server_b.url, timeout_s=120.0, client_id="slicer-b", download_dir=str(tmp_path / "b"))
-        _run(runner, workflows.connect, client)
+        run_workflow(runner, workflows.connect, client)
         back, back_image = read_array(client.download_label(image_id, "final", dest_dir=str(tmp_path / "b_label")))
         assert_same_grid(back_image, grid)
         assert np.array_equal(back, edited)
@@ -99,5 +94,7 @@ def test_label_from_slicer_reaches_the_pacs_and_the_next_workstation(
         assert "final" in listed[image_id]["labels"]
         other = ({orthanc_pacs.ct_series, second} - {image_id}).pop()
         assert {uid for uid, entry in listed.items() if "final" not in entry["labels"]} == {other}
-        following = _run(runner, workflows.fetch_next_sample, client, "first", dest_dir=str(tmp_path / "b_image"))
+        following = run_workflow(
+            runner, workflows.fetch_next_sample, client, "first", dest_dir=str(tmp_path / "b_image")
+        )
         assert following.image_id == other

@@ -18,7 +18,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +48,7 @@ from MedAttnSlicerLib import (
 )
 from tests.image_checks import assert_same_grid, read_array
 from tests.server_fixture import ServerHandle, free_port, sample_server_fixture
+from tests.slicer_jobs import run_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +79,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def info(client: MonaiLabelClient, runner: JobRunner) -> dict:
-    return _run(runner, workflows.connect, client)
-
-
-def _run(runner: JobRunner, function, *args, timeout_s: float = 300.0, **kwargs) -> Any:
-    """Run a workflow as the panel does (worker thread, events delivered by poll) and return its result."""
-    job = runner.wait(runner.submit(function.__name__, function, *args, **kwargs), timeout_s=timeout_s)
-    if job.state == JobState.FAILED:
-        raise job.error
-    assert job.state == JobState.FINISHED, (job.state, job.message)
-    return job.result
+    return run_workflow(runner, workflows.connect, client)
 
 
 def _spacing_kji(image: sitk.Image) -> tuple[float, ...]:
@@ -173,7 +164,7 @@ def test_next_sample_with_every_strategy(
     assert set(strategies) == {"random", "first", "tta_uncertainty", "int8_disagreement"}
     expected = {"first": air_study, "tta_uncertainty": UNLABELED, "int8_disagreement": UNLABELED}
     for strategy in strategies:
-        sample = _run(
+        sample = run_workflow(
             runner,
             workflows.fetch_next_sample,
             client,
@@ -204,7 +195,7 @@ def test_segment_int8_and_fp32(
     server: ServerHandle, client: MonaiLabelClient, runner: JobRunner, info: dict, model: str
 ):
     card = _cards(info, SEGMENTATION)[model]
-    result = _run(runner, workflows.segment, client, model, image_id="example_mr_sm")
+    result = run_workflow(runner, workflows.segment, client, model, image_id="example_mr_sm")
     label, label_image = read_array(result.label_path)
     _, image = read_array(server.studies / "example_mr_sm.nii.gz")
     assert_same_grid(label_image, image)
@@ -228,13 +219,15 @@ def _check_same_figures(local, served: dict) -> None:
 def test_compare_on_server_matches_the_lib_overlay(client: MonaiLabelClient, runner: JobRunner, info: dict):
     image_id = "example_mr_sm"
     int8_card = _cards(info, SEGMENTATION)[SEG_INT8]
-    int8_label, grid = read_array(_run(runner, workflows.segment, client, SEG_INT8, image_id=image_id).label_path)
-    fp32_label, _ = read_array(_run(runner, workflows.segment, client, SEG_FP32, image_id=image_id).label_path)
+    int8_label, grid = read_array(
+        run_workflow(runner, workflows.segment, client, SEG_INT8, image_id=image_id).label_path
+    )
+    fp32_label, _ = read_array(run_workflow(runner, workflows.segment, client, SEG_FP32, image_id=image_id).label_path)
     final, _ = read_array(client.download_label(image_id, "final"))
 
     for choice, reference_map in ((workflows.REFERENCE_FINAL, final), (workflows.REFERENCE_TWIN, fp32_label)):
         reference = workflows.server_reference(choice, int8_card)
-        served = _run(runner, workflows.compare_on_server, client, SEG_INT8, image_id, reference)
+        served = run_workflow(runner, workflows.compare_on_server, client, SEG_INT8, image_id, reference)
         assert served.comparison["reference"] == reference
         comparison, comparison_image = read_array(served.label_path)
         assert_same_grid(comparison_image, grid)
@@ -273,7 +266,7 @@ def test_classify_probabilities_and_heat_map_for_every_method(
     card = _cards(info, CLASSIFICATION)[CLS_INT8]
     _, image = read_array(server.studies / "example_mr_sm.nii.gz")
     for method in card.explanations:
-        result = _run(
+        result = run_workflow(
             runner,
             workflows.classify,
             client,
@@ -311,8 +304,10 @@ def test_classify_slice_counts_along_the_axial_axis(
     permuted = sitk.PermuteAxes(original, [2, 0, 1])  # index axis 0 is now the axial one
     sitk.WriteImage(permuted, str(tmp_path / "permuted.nii.gz"))
     params = {"rise_masks": RISE_MASKS}
-    upright = _run(runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=5, params=params)
-    turned = _run(
+    upright = run_workflow(
+        runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", slice_index=5, params=params
+    )
+    turned = run_workflow(
         runner,
         workflows.classify,
         client,
@@ -442,7 +437,9 @@ def test_cancel_a_running_inference(client: MonaiLabelClient, runner: JobRunner,
     assert job.state == JobState.CANCELLED and isinstance(job.error, OperationCancelled), (job.state, job.message)
     assert job.message == "Cancelled by the test." and job.result is None
     assert server.alive() and "models" in client.info()
-    quick = _run(runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", params={"rise_masks": 8})
+    quick = run_workflow(
+        runner, workflows.classify, client, CLS_INT8, image_id="example_mr_sm", params={"rise_masks": 8}
+    )
     assert quick.probabilities
 
 
@@ -463,7 +460,7 @@ def test_submit_label_as_final_and_read_it_back(
     label_image.CopyInformation(grid)
     sitk.WriteImage(label_image, str(tmp_path / "edited.nii.gz"))
 
-    answer = _run(runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id)
+    answer = run_workflow(runner, workflows.submit_label, client, str(tmp_path / "edited.nii.gz"), image_id=image_id)
     assert answer["image"] == image_id
     saved, saved_image = read_array(client.download_label(image_id, "final", dest_dir=str(tmp_path / "back")))
     assert_same_grid(saved_image, grid)
@@ -478,7 +475,7 @@ def test_submit_label_as_final_and_read_it_back(
         sitk.ReadImage(str(server.studies / "labels" / "final" / "example_mr_sm.nii.gz")),
         str(tmp_path / "new_label.nii.gz"),
     )
-    answer = _run(
+    answer = run_workflow(
         runner,
         workflows.submit_label,
         client,
@@ -506,7 +503,7 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
     DONE, reads the per-image figures back from the datastore and formats them for the scores table."""
     assert set(info["scoring"]) == {"over_under", "int8_agreement"}
     started = int(time.time()) - 1  # stored figures carry a whole-second ``ts``
-    listing = _run(runner, workflows.run_scoring, client, "over_under", poll_interval_s=0.5, timeout_s=180)
+    listing = run_workflow(runner, workflows.run_scoring, client, "over_under", poll_interval_s=0.5, timeout_s=180)
     objects = listing["objects"]
     labelled = sorted(i for i, o in objects.items() if "final" in (o.get("labels") or {}))
     assert UNLABELED in objects and UNLABELED not in labelled and len(labelled) >= 2
@@ -519,7 +516,7 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
         assert figures["agreement_voxels"] + figures["over_voxels"] == figures["prediction_voxels"] > 0
     # the stored figures of an image are what the panel's Compare with its final label shows
     image_id = "example_mr_sm"
-    served = _run(runner, workflows.compare_on_server, client, SEG_INT8, image_id, "final").comparison
+    served = run_workflow(runner, workflows.compare_on_server, client, SEG_INT8, image_id, "final").comparison
     stored = over_under[image_id]
     assert {k: stored[k] for k in _VOXEL_KEYS} == {k: served[k] for k in _VOXEL_KEYS}
     for key in ("dice", "over_ml", "under_ml", "agreement_ml"):
@@ -541,7 +538,7 @@ def test_score_with_each_method_and_show_the_stored_figures(client: MonaiLabelCl
     assert summary.startswith(f"over_under: {len(labelled)} images, mean Dice {mean:.3f} (")
 
     # INT8 vs FP32 agreement: every image, labelled or not; the over_under scores stay
-    listing = _run(
+    listing = run_workflow(
         runner, workflows.run_scoring, client, "int8_agreement", {"max_slices": 4}, poll_interval_s=0.5, timeout_s=180
     )
     agreement = formatting.scores_by_image(listing, "int8_agreement")
@@ -612,7 +609,7 @@ def test_train_briefly_then_train_and_stop(training_server: ServerHandle, runner
     assert any("RUNNING" in m for m in messages)
     assert fractions == sorted(fractions) and fractions[-1] == 1.0, fractions
     published = outcome.stats["published"]["int8"]["sha256"]
-    result = _run(runner, workflows.segment, client, SEG_INT8, image_id="example_mr_sm")
+    result = run_workflow(runner, workflows.segment, client, SEG_INT8, image_id="example_mr_sm")
     assert result.params["model_version"]["sha256"] == published  # the panel's next segmentation uses it
 
     # a long run, stopped from the panel once training has really started

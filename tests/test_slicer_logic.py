@@ -13,19 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from MedAttnSlicerLib import SLICER_SIDE_MODULES as SLICER_SIDE
 from MedAttnSlicerLib import overlay_from_masks
 
 MODULE_PY = Path(__file__).resolve().parents[1] / "MedAttnSlicer" / "MedAttnSlicer.py"
-SLICER_SIDE = (
-    "scene_results",
-    "scene_export",
-    "server_panel",
-    "segmentation_panel",
-    "training_panel",
-    "classification_panel",
-    "qt_tables",
-    "self_test",
-)
 
 
 class Node:

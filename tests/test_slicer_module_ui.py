@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import MedAttnSlicerLib
+from MedAttnSlicerLib import SLICER_SIDE_MODULES as SLICER_SIDE
 from MedAttnSlicerLib import formatting, workflows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,17 +24,7 @@ MODULE_DIR = REPO / "MedAttnSlicer"
 MODULE_PY = MODULE_DIR / "MedAttnSlicer.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedAttnSlicer.ui"
 LIB_DIR = MODULE_DIR / "MedAttnSlicerLib"
-#: Modules of MedAttnSlicerLib that need Slicer (imported by MedAttnSlicer.py only, never by the package).
-SLICER_SIDE = (
-    "scene_results",
-    "scene_export",
-    "server_panel",
-    "segmentation_panel",
-    "training_panel",
-    "classification_panel",
-    "qt_tables",
-    "self_test",
-)
+
 #: Where the panel's code lives: the module script (Widget core) and its section mixins.
 PANEL_SOURCES = [MODULE_PY] + [
     LIB_DIR / f"{name}.py" for name in ("server_panel", "segmentation_panel", "training_panel", "classification_panel")

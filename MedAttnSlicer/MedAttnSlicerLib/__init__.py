@@ -68,7 +68,20 @@ from .overlay import (
 )
 from .url_history import DEFAULT_SERVER_URL, ServerUrlHistory, normalize_server_url
 
+#: The Slicer-side modules (listed above): they import ``slicer``/``qt``; this package never imports them.
+SLICER_SIDE_MODULES = (
+    "scene_results",
+    "scene_export",
+    "server_panel",
+    "segmentation_panel",
+    "training_panel",
+    "classification_panel",
+    "qt_tables",
+    "self_test",
+)
+
 __all__ = [
+    "SLICER_SIDE_MODULES",
     "CancelToken",
     "InferResult",
     "MonaiLabelClient",
