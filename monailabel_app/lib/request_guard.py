@@ -247,20 +247,16 @@ class RequestGuard:
 
 def install_request_guard(known: dict[str, Callable[[], set[str]]]) -> bool:
     """Wrap the running MONAI Label server's middleware stack; False when not running inside that server."""
-    import sys
+    from monailabel_app.lib.asgi import running_server_app
 
-    server = sys.modules.get("monailabel.app")
-    if server is None or not hasattr(server, "app"):
+    running = running_server_app()
+    if running is None:
         return False
-    from monailabel.config import settings
-
-    fastapi_app = server.app
-    if fastapi_app.middleware_stack is None:
-        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    fastapi_app, prefix = running
     if isinstance(fastapi_app.middleware_stack, RequestGuard):
         fastapi_app.middleware_stack.known = known
         return True
-    fastapi_app.middleware_stack = RequestGuard(fastapi_app.middleware_stack, known, settings.MONAI_LABEL_API_STR)
+    fastapi_app.middleware_stack = RequestGuard(fastapi_app.middleware_stack, known, prefix)
     logger.info(
         "request guard installed (404 for unknown train tasks / scoring methods, error messages naming the input)"
     )

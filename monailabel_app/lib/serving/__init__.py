@@ -9,7 +9,6 @@ size the pools.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +101,12 @@ def install_offload(config: ServingConfig) -> dict[str, WorkerPool] | None:
     if not config.enabled:
         logger.warning("--conf infer_offload false: inference runs on the event loop, one request at a time")
         return None
-    server = sys.modules.get("monailabel.app")
-    if server is None or not hasattr(server, "app"):
-        return None
-    from monailabel.config import settings
+    from monailabel_app.lib.asgi import running_server_app
 
-    fastapi_app = server.app
-    if fastapi_app.middleware_stack is None:
-        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    running = running_server_app()
+    if running is None:
+        return None
+    fastapi_app, prefix = running
     layer = fastapi_app.middleware_stack
     for _ in range(8):  # already installed (the app re-initialised): keep the running pools
         if isinstance(layer, OffloadMiddleware):
@@ -121,7 +118,7 @@ def install_offload(config: ServingConfig) -> dict[str, WorkerPool] | None:
         "infer": WorkerPool("infer", config.workers, config.torch_threads, config.max_waiting),
         "io": WorkerPool("io", _IO_WORKERS, 1, _IO_QUEUE),
     }
-    fastapi_app.middleware_stack = OffloadMiddleware(fastapi_app.middleware_stack, pools, settings.MONAI_LABEL_API_STR)
+    fastapi_app.middleware_stack = OffloadMiddleware(fastapi_app.middleware_stack, pools, prefix)
     logger.info(
         f"inference runs off the event loop: {config.workers} workers x {config.torch_threads} torch threads "
         f"({config.cores} cores), at most {config.max_waiting} waiting (then 503 + Retry-After)"
