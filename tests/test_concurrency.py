@@ -14,6 +14,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,17 @@ def _infer(server: ServerHandle, done_at: dict, key: str) -> requests.Response:
     return response
 
 
+@contextmanager
+def one_running_one_waiting(server: ServerHandle, done_at: dict, names: tuple[str, str]):
+    """Two inferences from two clients, the second sent once the first runs: one running, one waiting (1 worker)."""
+    with ThreadPoolExecutor(2) as clients:
+        first = clients.submit(_infer, server, done_at, names[0])
+        _wait_for(server, running=1, waiting=0)
+        second = clients.submit(_infer, server, done_at, names[1])
+        _wait_for(server, running=1, waiting=1)
+        yield first, second
+
+
 @pytest.mark.slow
 def test_first_answer_arrives_before_a_later_inference_finishes_and_info_answers_meanwhile(
     server: ServerHandle, tmp_path: Path
@@ -156,11 +168,7 @@ def test_first_answer_arrives_before_a_later_inference_finishes_and_info_answers
     server.post(f"/infer/{MODEL}", params={"image": IMAGE, "output": "json"}).raise_for_status()  # warm
     _wait_for(server, running=0, waiting=0)  # the warm-up's job ends just after its answer
     done_at: dict[str, float] = {}
-    with ThreadPoolExecutor(2) as clients:
-        first = clients.submit(_infer, server, done_at, "first")
-        _wait_for(server, running=1, waiting=0)
-        second = clients.submit(_infer, server, done_at, "second")
-        _wait_for(server, running=1, waiting=1)
+    with one_running_one_waiting(server, done_at, ("first", "second")) as (first, second):
         # light requests while both inferences are in the server (one running, one waiting)
         light: list[tuple[str, float, float]] = []  # (path, latency, answered at)
         while "first" not in done_at:
@@ -196,11 +204,7 @@ def test_first_answer_arrives_before_a_later_inference_finishes_and_info_answers
 def test_a_full_queue_answers_503_with_retry_after_and_the_server_keeps_serving(server: ServerHandle):
     _wait_for(server, running=0, waiting=0)
     done_at: dict[str, float] = {}
-    with ThreadPoolExecutor(2) as clients:
-        running = clients.submit(_infer, server, done_at, "running")
-        _wait_for(server, running=1, waiting=0)
-        waiting = clients.submit(_infer, server, done_at, "waiting")
-        _wait_for(server, running=1, waiting=1)
+    with one_running_one_waiting(server, done_at, ("running", "waiting")) as (running, waiting):
         refused = server.post(f"/infer/{MODEL}", params={"image": IMAGE, "output": "json"}, timeout=30)
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["Retry-After"]) >= 1
