@@ -77,6 +77,15 @@ def _nifti(content: bytes, tmp_path: Path, name: str) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def _put_label(server, image_id: str, path: Path, tag: str = "final", params: dict | None = None):
+    """``PUT /datastore/label`` of the label file ``path`` for ``image_id`` (the server's answer)."""
+    data = {"params": json.dumps(params)} if params else None
+    with open(path, "rb") as handle:
+        return server.put(
+            "/datastore/label", params={"image": image_id, "tag": tag}, data=data, files={"label": (path.name, handle)}
+        )
+
+
 @pytest.fixture(scope="module")
 def second_ct(orthanc_pacs: PacsHandle, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A second CT series in the PACS (the sample images under new UIDs): active learning then has a choice."""
@@ -133,12 +142,7 @@ def test_final_label_goes_to_the_pacs_as_seg_and_reads_back_voxel_for_voxel(
     corrected.CopyInformation(label_image)
     path = tmp_path / "final.nii.gz"
     sitk.WriteImage(corrected, str(path))
-    with open(path, "rb") as handle:
-        saved = pacs_server.put(
-            "/datastore/label",
-            params={"image": orthanc_pacs.ct_series, "tag": "final"},
-            files={"label": ("final.nii.gz", handle)},
-        )
+    saved = _put_label(pacs_server, orthanc_pacs.ct_series, path)
     assert saved.status_code == 200, saved.text
 
     segs = _segs_of(orthanc_pacs, orthanc_pacs.ct_series)
@@ -208,10 +212,7 @@ def test_original_label_stays_local(pacs_server, orthanc_pacs, second_ct, tmp_pa
     path = tmp_path / "original.nii.gz"
     path.write_bytes(answer.content)
     before = len(_qido_series(orthanc_pacs, Modality="SEG"))
-    with open(path, "rb") as handle:
-        saved = pacs_server.put(
-            "/datastore/label", params={"image": second_ct, "tag": "original"}, files={"label": ("o.nii.gz", handle)}
-        )
+    saved = _put_label(pacs_server, second_ct, path, tag="original")
     assert saved.status_code == 200, saved.text
     assert len(_qido_series(orthanc_pacs, Modality="SEG")) == before
     assert pacs_server.post("/activelearning/first", json={}).json()["id"] == second_ct  # still unlabelled
@@ -232,12 +233,7 @@ def test_a_submitted_label_off_the_series_grid_is_422(pacs_server, orthanc_pacs,
     path = tmp_path / "wrong.nii.gz"
     sitk.WriteImage(wrong, str(path))
     before = len(_qido_series(orthanc_pacs, Modality="SEG"))
-    with open(path, "rb") as handle:
-        answer = pacs_server.put(
-            "/datastore/label",
-            params={"image": orthanc_pacs.ct_series, "tag": "final"},
-            files={"label": ("wrong.nii.gz", handle)},
-        )
+    answer = _put_label(pacs_server, orthanc_pacs.ct_series, path)
     assert answer.status_code == 422 and "size" in answer.json()["detail"]
     assert len(_qido_series(orthanc_pacs, Modality="SEG")) == before
 
@@ -284,13 +280,7 @@ def test_comparison_map_as_seg_with_its_colours(pacs_server, orthanc_pacs, tmp_p
     comparison = sitk.GetImageFromArray(values)
     comparison.CopyInformation(grid)
     sitk.WriteImage(comparison, str(tmp_path / "over_under.nii.gz"))
-    with open(tmp_path / "over_under.nii.gz", "rb") as handle:
-        saved = pacs_server.put(
-            "/datastore/label",
-            params={"image": series, "tag": "final"},
-            data={"params": json.dumps({"comparison": True})},
-            files={"label": ("over_under.nii.gz", handle)},
-        )
+    saved = _put_label(pacs_server, series, tmp_path / "over_under.nii.gz", params={"comparison": True})
     assert saved.status_code == 200, saved.text
     (seg,) = _segs_of(orthanc_pacs, series)
     colours = {str(d.SegmentLabel): list(d.RecommendedDisplayCIELabValue) for d in seg.SegmentSequence}
@@ -349,12 +339,7 @@ def test_pacs_refusing_credentials_and_then_failing(tmp_path) -> None:
         label = sitk.GetImageFromArray(values)
         label.CopyInformation(volume)
         sitk.WriteImage(label, str(tmp_path / "bone.nii.gz"))
-        with open(tmp_path / "bone.nii.gz", "rb") as handle:
-            rejected = server.put(
-                "/datastore/label",
-                params={"image": pacs.ct_series, "tag": "final"},
-                files={"label": ("bone.nii.gz", handle)},
-            )
+        rejected = _put_label(server, pacs.ct_series, tmp_path / "bone.nii.gz")
         assert rejected.status_code == 502, rejected.text
         detail = rejected.json()["detail"]
         assert "kept on this server" in detail and pacs.url in detail
