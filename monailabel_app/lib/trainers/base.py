@@ -28,6 +28,7 @@ from monailabel_app.lib.preprocess import Preprocessing
 from monailabel_app.lib.trainers.common import TrainProgress, calibration_slices, initial_network, publish_trained
 from monailabel_app.lib.trainers.data_parallel import DataParallelTrain
 from monailabel_app.lib.trainers.datalist import image_id_of, read_training_roles, split_datalist
+from monailabel_app.lib.trainers.reproducible import freeze_batchnorm, request_flag
 
 __all__ = ["AppTrainTask"]
 
@@ -42,7 +43,9 @@ class AppTrainTask(DataParallelTrain, BasicTrainTask):
     8), ``learning_rate``, ``val_split`` (0.2), ``pos_ratio`` (fraction of samples centred on foreground),
     ``calibration_slices`` (32), ``pretrained`` (start from the served weights, default true), ``seed`` (0),
     ``query_init_scale`` (multiplies the query projections of a network started from random weights, default 0.1;
-    see :func:`networks.blocks.scale_query_init`; tasks with ``SOFTEN_RANDOM_ATTENTION``).
+    see :func:`networks.blocks.scale_query_init`; tasks with ``SOFTEN_RANDOM_ATTENTION``), ``seed_per_image`` and
+    ``freeze_batchnorm`` (default false; both true: the same weights whatever the number of ranks, see
+    :mod:`.reproducible`).
 
     Data-parallel training (:mod:`.data_parallel`): ``workers`` (ranks on this machine, default 1), ``nnodes``
     (machines, default 1), ``rdzv_endpoint`` (``HOST:PORT`` of the first machine; default 127.0.0.1 and a free
@@ -161,6 +164,9 @@ class AppTrainTask(DataParallelTrain, BasicTrainTask):
             from networks.blocks import scale_query_init
 
             scale_query_init(model, float(context.request.get("query_init_scale", 0.1)))
+        context.batchnorm_hooks = []
+        if request_flag(context.request.get("freeze_batchnorm", False)):
+            context.batchnorm_hooks = freeze_batchnorm(model)  # removed after training, before publishing
         return model
 
     def optimizer(self, context: Context):
@@ -272,6 +278,8 @@ class AppTrainTask(DataParallelTrain, BasicTrainTask):
                 torch.distributed.barrier()  # nobody writes into the run folder before the lead has emptied it
             stats = super().train(rank, world_size, request, datalist)
             context = self._context
+            for hook in getattr(context, "batchnorm_hooks", []):
+                hook.remove()
             digests = self.check_replicas(context.network)
             if rank != 0:
                 return stats

@@ -47,13 +47,13 @@ from monailabel_app.lib.trainers.distributed import (
     rank_share,
     run_torchrun,
 )
+from monailabel_app.lib.trainers.reproducible import ImageSeededDataset, request_flag
 
 __all__ = ["DataParallelTrain"]
 
 logger = logging.getLogger(__name__)
 
 
-# request fields that say how many ranks run and where they meet (the launcher's, not the ranks')
 class DataParallelTrain:
     """Mixin: data-parallel training over ``torchrun`` ranks for a ``BasicTrainTask`` subclass.
 
@@ -179,7 +179,11 @@ class DataParallelTrain:
         info = self._rank_info
         if info is not None:
             datalist = rank_share(datalist, info.rank, info.world_size, even=is_train)
-        return super()._dataset(context, datalist, is_train, replace_rate)
+        dataset, datalist = super()._dataset(context, datalist, is_train, replace_rate)
+        if is_train and request_flag(context.request.get("seed_per_image", False)):
+            # samples drawn per image, not per rank: the same run whatever the world size (see .reproducible)
+            dataset = ImageSeededDataset(dataset, datalist, int(context.request.get("seed", 0)))
+        return dataset, datalist
 
     def _create_network_and_optimizer(self, context: Context):
         network, optimizer = super()._create_network_and_optimizer(context)
