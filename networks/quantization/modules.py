@@ -10,6 +10,8 @@ and the kernel library to run.
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch import nn
 
@@ -91,14 +93,14 @@ class QuantizedLocalSelfAttention(nn.Module):
         key: nn.Module,
         value: nn.Module,
         relative_tables: torch.Tensor,
-        axis_groups: list[int],
+        axis_groups: List[int],
         offset_index: torch.Tensor,
         kernel_size: int,
         heads: int,
         input_scale: float,
         input_zero_point: int,
-        output_scale: torch.Tensor | None = None,
-        output_shift: torch.Tensor | None = None,
+        output_scale: Optional[torch.Tensor] = None,
+        output_shift: Optional[torch.Tensor] = None,
         relu: bool = False,
     ) -> None:
         super().__init__()
@@ -125,7 +127,7 @@ class QuantizedLocalSelfAttention(nn.Module):
         self.heads = int(heads)
         self.input_scale = float(input_scale)
         self.input_zero_point = int(input_zero_point)
-        self.axis_groups: list[int] = [int(g) for g in axis_groups]
+        self.axis_groups: List[int] = [int(g) for g in axis_groups]
         self.query = query
         self.key = key
         self.value = value
@@ -142,7 +144,7 @@ class QuantizedLocalSelfAttention(nn.Module):
 
     def relative_embedding(self) -> torch.Tensor:
         """``(K, out_channels)`` float: ``rel[n, c] = relative_tables[c, offset_index[n, axis(c)]]``."""
-        parts: list[torch.Tensor] = []
+        parts: List[torch.Tensor] = []
         start = 0
         for axis, size in enumerate(self.axis_groups):
             parts.append(self.relative_tables[start : start + size][:, self.offset_index[:, axis]].t())
@@ -170,8 +172,8 @@ class QuantizedLocalSelfAttention(nn.Module):
             return y
         q = self.query(xq)
         k = self.key(xq)
-        scale: torch.Tensor | None = None
-        shift: torch.Tensor | None = None
+        scale: Optional[torch.Tensor] = None
+        shift: Optional[torch.Tensor] = None
         if self.has_output_scale:
             scale = self.output_scale
         if self.has_output_shift:

@@ -9,6 +9,7 @@ from the input's traced shape, so a traced U-net with unpooling still runs at ot
 from __future__ import annotations
 
 import copy
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class TraceableMaxUnpool(nn.Module):
         super().__init__()
         check_spatial_dims(spatial_dims)
 
-        def expand(value) -> list[int]:
+        def expand(value) -> List[int]:
             return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * spatial_dims
 
         self.spatial_dims = spatial_dims
@@ -37,7 +38,7 @@ class TraceableMaxUnpool(nn.Module):
         self.stride = expand(stride if stride is not None else kernel_size)
         self.padding = expand(padding)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         # The default size, computed from x inside this module, is what a trace records dynamically; an explicit
         # output_size reaches a traced submodule as a constant, so it is only accepted when it equals the default.
         size = [
