@@ -284,6 +284,15 @@ def _run_machines(launcher_args: list[list[str]]) -> list[tuple[int, str, str]]:
     return [(m.returncode, out, err) for m, (out, err) in zip(machines, outputs, strict=True)]
 
 
+def _report(results: list[tuple[int, str, str]]) -> str:
+    """Every launcher's exit code and output tail: the root cause of a failed run is often on another machine than
+    the one whose assertion failed (its agent loses the rendezvous store when the first machine's agent exits)."""
+    return "\n".join(
+        f"--- launcher {i}: exit code {code}\n{out[-3000:]}\n{err[-3000:]}"
+        for i, (code, out, err) in enumerate(results)
+    )
+
+
 @pytest.mark.slow
 def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: Path):
     """``--nnodes 2``: two launchers (two torchrun agents, as on two machines; here both on 127.0.0.1) meet at one
@@ -293,8 +302,8 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: P
     args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
             "--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
             "--rdzv-id", "two_machines", "--join-timeout", "120"]  # fmt: skip
-    for returncode, out, err in _run_machines([args, args]):
-        assert returncode == 0, out[-2000:] + err[-2000:]
+    results = _run_machines([args, args])
+    assert [code for code, _, _ in results] == [0, 0], _report(results)
     stats = json.loads((model_dir / "sadnn_seg_train_stats.json").read_text())
     assert stats["status"] == "PUBLISHED" and stats["distributed"]["world_size"] == 2
     ranks = stats["distributed"]["ranks"]
@@ -312,8 +321,9 @@ def test_machines_with_different_datastores_fail_at_the_start(studies: Path, tmp
     common = ["--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"), "--set", "max_epochs=1",
               *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "differ",
               "--join-timeout", "120"]  # fmt: skip
-    for returncode, out, err in _run_machines([["--studies", str(folder), *common] for folder in (studies, other)]):
-        assert returncode == 1, out[-2000:] + err[-2000:]
+    results = _run_machines([["--studies", str(folder), *common] for folder in (studies, other)])
+    assert [code for code, _, _ in results] == [1, 1], _report(results)
+    for _, _, err in results:
         message = err.strip().splitlines()[-1]
         assert "exited with code 1" in message and "see different labelled images than rank 0" in message, message
         assert "every machine needs the same datastore" in message
@@ -385,8 +395,8 @@ def test_two_ranks_end_with_the_weights_of_one_process_on_the_same_global_batch(
          "--set", f"train_batch_size={batch}", "--workers", str(ranks), "--output", str(tmp_path / f"{name}.json")]
         for name, (ranks, batch) in runs.items()
     ]  # fmt: skip
-    for returncode, out, err in _run_machines(launchers):
-        assert returncode == 0, out[-2000:] + err[-2000:]
+    results = _run_machines(launchers)
+    assert [code for code, _, _ in results] == [0] * len(launchers), _report(results)
     stats = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     assert [stats[name]["iterations"] for name in runs] == [3, 3, 6]
     ranks = stats["two_ranks"]["distributed"]["ranks"]
