@@ -26,7 +26,7 @@ PACS_PORT ?= 8042
 .PHONY: serve-pacs
 serve-pacs: data
 	@set -e; ready=$$(mktemp -u); \
-	$(PY) scripts/local_pacs.py --port $(PACS_PORT) --storage .data/orthanc --ready-file $$ready & pacs=$$!; \
+	$(PY) -m scripts.local_pacs --port $(PACS_PORT) --storage .data/orthanc --ready-file $$ready & pacs=$$!; \
 	trap 'kill $$pacs 2>/dev/null || true' EXIT INT TERM; \
 	for i in $$(seq 120); do [ -s $$ready ] && break; kill -0 $$pacs 2>/dev/null || exit 1; sleep 0.5; done; \
 	[ -s $$ready ] || { echo "serve-pacs: Orthanc did not start"; exit 1; }; \

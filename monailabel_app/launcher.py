@@ -15,6 +15,7 @@ process group) on an ephemeral 127.0.0.1 port; :func:`start_server` returns once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,7 +33,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = REPO_ROOT / "monailabel_app"
 VENV_BIN = Path(sys.executable).parent
 
-__all__ = ["APP_DIR", "ServerHandle", "ServerStartError", "free_port", "start_server"]
+__all__ = [
+    "APP_DIR",
+    "ServerHandle",
+    "ServerStartError",
+    "free_port",
+    "start_server",
+    "stop_process_group",
+    "wait_for_answer",
+]
 
 
 class ServerStartError(RuntimeError):
@@ -44,6 +53,59 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
+    """End the process group ``proc`` leads (started with ``start_new_session=True``): SIGTERM, then SIGKILL when it
+    has not exited after ``timeout`` seconds. The whole group goes, so also the children it started; a process that
+    has already exited is left alone."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        # the group may have gone between the timeout and the kill
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+def wait_for_answer(
+    proc: subprocess.Popen,
+    url: str,
+    timeout: float,
+    interval: float = 1.0,
+    request_timeout: float = 30.0,
+    **request_kwargs: Any,
+) -> str | None:
+    """Poll ``GET url`` every ``interval`` seconds until it answers 200, for as long as ``proc`` runs.
+
+    Args:
+        proc: the process that is to answer (a server starting up).
+        url: what to request.
+        timeout: how long to wait in all, in seconds.
+        interval: seconds between requests.
+        request_timeout: timeout of one request.
+        request_kwargs: further ``requests.get`` arguments (e.g. ``auth``).
+
+    Returns:
+        None once it answered 200; otherwise why not, to end a sentence naming the process: ``"exited with code 1"``
+        or ``"did not answer <url> within <timeout> s"``.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            if requests.get(url, timeout=request_timeout, **request_kwargs).status_code == 200:
+                return None
+        except requests.RequestException:
+            pass  # not listening yet
+        time.sleep(interval)
+    return f"did not answer {url} within {timeout:.0f} s"
 
 
 @dataclass
@@ -58,6 +120,7 @@ class ServerHandle:
         studies: the datastore folder.
         conf: the ``--conf`` options.
         log_path: the server's stdout/stderr.
+        model_dir: where the server writes trained models (the ``model_dir`` of ``conf``); None: the app's default.
     """
 
     url: str
@@ -67,22 +130,24 @@ class ServerHandle:
     studies: Path | str
     conf: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    model_dir: Path | None = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """``method`` on ``url + path`` with ``requests`` keyword arguments (a 600 s timeout unless one is given)."""
+        kwargs.setdefault("timeout", 600)
+        return requests.request(method, self.url + path, **kwargs)
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 600)
-        return requests.get(self.url + path, **kwargs)
+        return self.request("GET", path, **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 600)
-        return requests.post(self.url + path, **kwargs)
+        return self.request("POST", path, **kwargs)
 
     def put(self, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 600)
-        return requests.put(self.url + path, **kwargs)
+        return self.request("PUT", path, **kwargs)
 
     def delete(self, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 600)
-        return requests.delete(self.url + path, **kwargs)
+        return self.request("DELETE", path, **kwargs)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -104,17 +169,7 @@ class ServerHandle:
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the server's process group (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=timeout)
+        stop_process_group(self.proc, timeout)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -186,16 +241,12 @@ def start_server(
             cwd=str(log_path.parent),
             start_new_session=True,
         )
-    handle = ServerHandle(f"http://{host}:{port}", port, proc, Path(app_dir).resolve(), studies, conf, log_path)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise ServerStartError(f"server exited with code {proc.returncode}:\n{handle.log_tail()}")
-        try:
-            if requests.get(handle.url + ready_path, timeout=30).status_code == 200:
-                return handle
-        except requests.RequestException:
-            pass
-        time.sleep(1.0)
+    model_dir = Path(conf["model_dir"]) if "model_dir" in conf else None
+    handle = ServerHandle(
+        f"http://{host}:{port}", port, proc, Path(app_dir).resolve(), studies, conf, log_path, model_dir=model_dir
+    )
+    problem = wait_for_answer(proc, handle.url + ready_path, timeout, interval=1.0, request_timeout=30.0)
+    if problem is None:
+        return handle
     handle.stop()
-    raise ServerStartError(f"server did not answer {ready_path} within {timeout:.0f} s:\n{handle.log_tail()}")
+    raise ServerStartError(f"server {problem}:\n{handle.log_tail()}")

@@ -160,16 +160,14 @@ register_model("scopeformer")(
         Scopeformer, "Efficient Scopeformer: DenseNet-121, EfficientNet-B0, ResNet-18 backbones, 8 layers, d 384."
     )
 )
+# the transformer of both CPU-sized Scopeformers: d 64, 2 layers, 4 heads, MLP 256, 4 x 4 grid
+_SCOPEFORMER_CPU_TRANSFORMER = {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 256, "grid": 4}
 register_model("scopeformer_small")(
     _with_defaults(
         Scopeformer,
         "Scopeformer for CPU: ResNet-10 + EfficientNet-B0 backbones, d 64, 2 layers, 4 heads, 4 x 4 grid.",
         backbones=("resnet10", "efficientnet-b0"),
-        dim=64,
-        depth=2,
-        heads=4,
-        mlp_dim=256,
-        grid=4,
+        **_SCOPEFORMER_CPU_TRANSFORMER,
     )
 )
 register_model("scopeformer_tiny")(
@@ -180,12 +178,8 @@ register_model("scopeformer_tiny")(
         "4 heads; ~0.36M parameters.",
         backbones=("resnet10", "resnet18"),
         backbone_width=0.125,
-        dim=64,
-        depth=2,
-        heads=4,
-        mlp_dim=256,
-        grid=4,
         mode="baseline",
+        **_SCOPEFORMER_CPU_TRANSFORMER,
     )
 )
 # PatchConvNet (Touvron et al.): convolutional trunk with class-attention pooling.

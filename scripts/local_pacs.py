@@ -2,7 +2,7 @@
 """A local PACS for tests and ``make serve-pacs``: Debian's Orthanc with its DICOMweb plugin on 127.0.0.1, holding
 the sample DICOM CT series.
 
-    .venv/bin/python scripts/local_pacs.py --port 8042 --storage .data/orthanc   # runs until Ctrl-C
+    .venv/bin/python -m scripts.local_pacs --port 8042 --storage .data/orthanc   # runs until Ctrl-C
 
 - :func:`find_orthanc` locates the ``Orthanc`` binary and its plugins (Debian packages ``orthanc``,
   ``orthanc-dicomweb``, optionally ``orthanc-gdcm``, which lets Orthanc transcode JPEG 2000).
@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import pydicom
 import requests
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from monailabel_app.launcher import free_port, stop_process_group, wait_for_answer
 
 __all__ = [
     "ORTHANC_PLUGIN_DIR",
@@ -63,12 +64,6 @@ def find_orthanc() -> tuple[str, Path] | None:
     if binary is None or not (ORTHANC_PLUGIN_DIR / "libOrthancDicomWeb.so").exists():
         return None
     return binary, ORTHANC_PLUGIN_DIR
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_sample_series(
@@ -182,7 +177,7 @@ class Orthanc:
             )
         self.binary, plugin_dir = found
         self.storage = Path(storage).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
         self.users = dict(users or {})
@@ -222,18 +217,13 @@ class Orthanc:
             self.proc = subprocess.Popen(
                 [self.binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise OrthancStartError(f"Orthanc exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/system", auth=self.auth, timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
+        problem = wait_for_answer(
+            self.proc, self.url + "/system", timeout, interval=0.3, request_timeout=5, auth=self.auth
+        )
+        if problem is None:
+            return self
         self.stop()
-        raise OrthancStartError(f"Orthanc did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+        raise OrthancStartError(f"Orthanc {problem}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
@@ -254,16 +244,9 @@ class Orthanc:
         return requests.get(self.url + path, auth=self.auth, **kwargs)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=timeout)
+        """End Orthanc's process group (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout)
 
     def __enter__(self) -> Orthanc:
         return self.start() if self.proc is None else self

@@ -48,6 +48,20 @@ def _infer(
     return server.post(f"/infer/{model}", params=query, files=multipart)
 
 
+def _upload(path: Path) -> dict:
+    """The multipart ``file`` part that uploads ``path`` as the image."""
+    return {"file": (path.name, path.read_bytes())}
+
+
+def _segment_upload(server: ServerHandle, model: str, image_path: Path) -> sitk.Image:
+    """The label ``model`` answers for the uploaded NIfTI ``image_path`` (kept as ``<name>_label.nii.gz`` beside it)."""
+    r = _infer(server, model, None, files=_upload(image_path), output="image")
+    assert r.status_code == 200, r.text
+    label_path = image_path.with_name(image_path.name.replace(".nii.gz", "_label.nii.gz"))
+    label_path.write_bytes(r.content)
+    return sitk.ReadImage(str(label_path))
+
+
 # ----------------------------------------------------------------------------------------------- info
 def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelClient):
     info = client.info()
@@ -173,16 +187,7 @@ def test_label_is_written_on_the_input_grid_for_non_trivial_geometry(server: Ser
     oblique.SetDirection((rotation @ np.diag([1.0, -1.0, 1.0])).ravel().tolist())
     oblique.SetOrigin((-123.4, 56.7, 89.01))
     sitk.WriteImage(oblique, str(tmp_path / "oblique.nii.gz"))
-    r = _infer(
-        server,
-        "sadnn_seg_int8",
-        None,
-        files={"file": ("oblique.nii.gz", (tmp_path / "oblique.nii.gz").read_bytes())},
-        output="image",
-    )
-    assert r.status_code == 200, r.text
-    (tmp_path / "oblique_label.nii.gz").write_bytes(r.content)
-    assert_same_grid(sitk.ReadImage(str(tmp_path / "oblique_label.nii.gz")), oblique)
+    assert_same_grid(_segment_upload(server, "sadnn_seg_int8", tmp_path / "oblique.nii.gz"), oblique)
 
 
 def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
@@ -190,16 +195,7 @@ def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
     volume = sitk.ReadImage(str(server.studies / "example_ct_dicom.nii.gz"))
     slice2d = volume[:, :, 10]
     sitk.WriteImage(slice2d, str(tmp_path / "slice.nii.gz"))
-    r = _infer(
-        server,
-        "sadnn_seg_int8",
-        None,
-        files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())},
-        output="image",
-    )
-    assert r.status_code == 200, r.text
-    (tmp_path / "slice_label.nii.gz").write_bytes(r.content)
-    out = sitk.ReadImage(str(tmp_path / "slice_label.nii.gz"))
+    out = _segment_upload(server, "sadnn_seg_int8", tmp_path / "slice.nii.gz")
     assert_same_grid(out, slice2d)
     label = sitk.GetArrayFromImage(out)
     reference, _ = read_array(server.studies / "labels" / "final" / "example_ct_dicom.nii.gz")
@@ -212,7 +208,7 @@ def test_2d_image_slice_model(server: ServerHandle, tmp_path: Path):
         "sadnn_cls_int8",
         None,
         {"rise_masks": 16},
-        files={"file": ("slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())},
+        files=_upload(tmp_path / "slice.nii.gz"),
         output="image",
     )
     assert r.status_code == 200, r.text

@@ -532,19 +532,18 @@ print(json.dumps({"implementations": implementations}))
 """
 
 
+def run_json_report(command: list[str], env: dict[str, str], timeout: float) -> dict:
+    """Run a script that prints a JSON report as its last line; the report (the script must exit 0)."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_with_isa(isa: str, tmp_path: Path, data_file: Path) -> dict:
     """A fresh interpreter (torch and the op library only) with MEDATTN_ISA=isa runs both public ops."""
     out_file = tmp_path / f"out_{isa}.pt"
-    env = dict(os.environ, MEDATTN_ISA=isa)
-    result = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT, kernel_library_path(), str(data_file), str(out_file)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    command = [sys.executable, "-c", _ISA_SCRIPT, kernel_library_path(), str(data_file), str(out_file)]
+    report = run_json_report(command, dict(os.environ, MEDATTN_ISA=isa), timeout=300)
     if "error" not in report:
         report.update(torch.load(out_file))
     return report
@@ -627,15 +626,8 @@ def test_code_path_runs_on_an_emulated_cpu_without_higher_isas(cpu, isa, tmp_pat
     )
     env = {key: value for key, value in os.environ.items() if key != "MEDATTN_ISA"}
     # the venv's python is the system interpreter behind a symlink: qemu-user runs it with the host's libraries
-    result = subprocess.run(
-        [qemu, "-cpu", cpu, sys.executable, "-c", _QEMU_SCRIPT, kernel_library_path(), str(data_file)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    command = [qemu, "-cpu", cpu, sys.executable, "-c", _QEMU_SCRIPT, kernel_library_path(), str(data_file)]
+    report = run_json_report(command, env, timeout=600)
     assert report["implementations"]["selected_isa"] == isa
     assert report["implementations"]["cpu_best_isa"] == isa
     # IEEE arithmetic is emulated exactly: the same bits as natively

@@ -43,6 +43,11 @@ def _train_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "monailabel_app.train", *args]
 
 
+def _train_args(studies: Path, model_dir: Path, *more: str) -> list[str]:
+    """``monailabel_app.train`` arguments: SaDNN-seg on ``studies``, published into ``model_dir``, then ``more``."""
+    return ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir), *more]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -115,8 +120,7 @@ def test_two_ranks_train_on_different_images_and_publish_identical_weights(studi
     model_dir = tmp_path / "models"
     before = _seed_published(model_dir)
     out = tmp_path / "stats.json"
-    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
-            "--set", "max_epochs=2", *FEW_STEPS, "--workers", "2", "--output", str(out)]  # fmt: skip
+    args = _train_args(studies, model_dir, "--set", "max_epochs=2", *FEW_STEPS, "--workers", "2", "--output", str(out))
     result = _run(_train_cli(*args), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = json.loads(out.read_text())
@@ -167,8 +171,7 @@ def test_a_killed_rank_fails_the_run_and_leaves_the_published_checkpoint(studies
     model_dir = tmp_path / "models"
     before = _seed_published(model_dir)
     stats_path = model_dir / "sadnn_seg_train_stats.json"
-    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
-            "--set", "max_epochs=1000", *FEW_STEPS, "--workers", "2"]  # fmt: skip
+    args = _train_args(studies, model_dir, "--set", "max_epochs=1000", *FEW_STEPS, "--workers", "2")
     proc = subprocess.Popen(_train_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline, victim = time.time() + 300, None
@@ -197,8 +200,8 @@ def test_a_killed_rank_fails_the_run_and_leaves_the_published_checkpoint(studies
 @pytest.mark.slow
 def test_a_machine_that_never_joins_fails_within_the_join_timeout(studies: Path, tmp_path: Path):
     endpoint = f"127.0.0.1:{free_port()}"
-    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"),
-            "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--join-timeout", "3"]  # fmt: skip
+    args = _train_args(studies, tmp_path / "models", "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                       "--join-timeout", "3")  # fmt: skip
     start = time.time()
     result = _run(_train_cli(*args), timeout=240)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
@@ -209,8 +212,7 @@ def test_a_machine_that_never_joins_fails_within_the_join_timeout(studies: Path,
 
 
 def test_cli_names_a_wrong_setting_before_starting_anything(studies: Path, tmp_path: Path):
-    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"),
-            "--workers", "2", "--rdzv-endpoint", "127.0.0.1:notaport"]  # fmt: skip
+    args = _train_args(studies, tmp_path / "models", "--workers", "2", "--rdzv-endpoint", "127.0.0.1:notaport")
     result = _run(_train_cli(*args), timeout=240)
     assert result.returncode == 2
     assert "rdzv_endpoint '127.0.0.1:notaport' must be HOST:PORT" in result.stderr
@@ -299,9 +301,8 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(studies: Path, tmp_path: P
     ``--rdzv-endpoint``, train one rank each and one of them publishes."""
     model_dir = tmp_path / "models"
     endpoint = f"127.0.0.1:{free_port()}"
-    args = ["--studies", str(studies), "--model", "sadnn_seg", "--conf", "model_dir", str(model_dir),
-            "--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
-            "--rdzv-id", "two_machines", "--join-timeout", "120"]  # fmt: skip
+    args = _train_args(studies, model_dir, "--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2",
+                       "--rdzv-endpoint", endpoint, "--rdzv-id", "two_machines", "--join-timeout", "120")  # fmt: skip
     results = _run_machines([args, args])
     assert [code for code, _, _ in results] == [0, 0], _report(results)
     stats = json.loads((model_dir / "sadnn_seg_train_stats.json").read_text())
@@ -318,10 +319,9 @@ def test_machines_with_different_datastores_fail_at_the_start(studies: Path, tmp
     the run stops right after the rendezvous, naming the ranks that differ, and publishes nothing."""
     other = copy_sample_datastore(tmp_path / "other_studies", images=IMAGES[:1])
     endpoint = f"127.0.0.1:{free_port()}"
-    common = ["--model", "sadnn_seg", "--conf", "model_dir", str(tmp_path / "models"), "--set", "max_epochs=1",
-              *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "differ",
-              "--join-timeout", "120"]  # fmt: skip
-    results = _run_machines([["--studies", str(folder), *common] for folder in (studies, other)])
+    common = ["--set", "max_epochs=1", *FEW_STEPS, "--workers", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+              "--rdzv-id", "differ", "--join-timeout", "120"]  # fmt: skip
+    results = _run_machines([_train_args(folder, tmp_path / "models", *common) for folder in (studies, other)])
     assert [code for code, _, _ in results] == [1, 1], _report(results)
     for _, _, err in results:
         message = err.strip().splitlines()[-1]

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from networks.blocks.performer_attention import (
     orthogonal_random_features,
     relu_kernel_features,
 )
+from tests.peak_memory import run_measuring_script
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -171,20 +170,11 @@ _PEAK_MEMORY_SCRIPT = """
 import sys, torch
 from networks.blocks.performer_attention import PerformerAttention
 
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field + " missing from /proc/self/status")
-
 def peak_bytes(block, tokens):
     x = torch.randn(1, tokens, 64)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS so it measures this forward only
-    before = status("VmRSS")
-    block(x)
-    return status("VmHWM") - before
+    growth, _, method = growth_during(lambda: block(x))
+    assert method == VMHWM, method  # two sizes in one process: the lifetime peak cannot tell them apart
+    return growth
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -197,22 +187,9 @@ with torch.no_grad():
 
 def test_performer_peak_memory_grows_linearly_with_tokens():
     # a fixed mmap threshold makes glibc return every freed tensor to the OS, so RSS follows the live tensors
-    env = {
-        "PYTHONPATH": str(REPO_ROOT),
-        "PATH": "/usr/bin:/bin",
-        "OMP_NUM_THREADS": "1",
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, "8192", "32768"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    small, large = (int(value) for value in result.stdout.split())
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    stdout = run_measuring_script(_PEAK_MEMORY_SCRIPT, "8192", "32768", env=env, timeout=120)
+    small, large = (int(value) for value in stdout.split())
     # 4x the tokens: ~4x the memory for linear attention (a quadratic one would need ~16x)
     assert small > 4 * 2**20, small
     assert 3.0 < large / small < 5.0, (small, large)

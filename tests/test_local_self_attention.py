@@ -6,10 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +16,10 @@ from networks.blocks.local_self_attention import (
     local_attention_torch,
     register_attention_backend,
 )
+from tests.peak_memory import run_measuring_script
 from tests.references import reference_local_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -188,54 +183,26 @@ def test_forward_and_core_input_errors():
         local_attention_torch(q[0], q[0], q[0], torch.randn(3, 5), 3, 1)
 
 
-# Peak memory of one no-grad forward, measured in a fresh interpreter so nothing else in the test process counts.
-# Linux keeps the peak resident set size (VmHWM); writing "5" to /proc/self/clear_refs resets it to the current
-# RSS. The baseline is the RSS after importing, warming up on a small input and allocating the 512 x 512 input;
-# the growth is VmHWM after the forward minus that baseline. Where clear_refs is not writable, ru_maxrss (the
-# lifetime peak) is used instead, which can only overestimate the growth.
-_MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, resource, torch
-    from networks.blocks.local_self_attention import LocalSelfAttention
+# Peak memory of one no-grad forward (tests/peak_memory.py). The baseline is the RSS after importing, warming up on a
+# small input and allocating the 512 x 512 input.
+_MEMORY_SCRIPT = """
+import json, torch
+from networks.blocks.local_self_attention import LocalSelfAttention
 
-    def status_bytes(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(key + " missing from /proc/self/status")
-
-    torch.manual_seed(0)
-    layer = LocalSelfAttention(2, 64, 64, kernel_size=3).eval()
-    with torch.no_grad():
-        layer(torch.randn(1, 64, 32, 32))
+torch.manual_seed(0)
+layer = LocalSelfAttention(2, 64, 64, kernel_size=3).eval()
+with torch.no_grad():
+    layer(torch.randn(1, 64, 32, 32))
     x = torch.randn(1, 64, 512, 512)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss"
-    baseline = status_bytes("VmRSS")
-    with torch.no_grad():
-        y = layer(x)
-    if method == "ru_maxrss":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    else:
-        peak = status_bytes("VmHWM")
-    print(json.dumps({"growth": peak - baseline, "input": x.numel() * x.element_size(),
-                      "output": y.numel() * y.element_size(), "shape": list(y.shape), "method": method}))
-    """
-)
+    growth, y, method = growth_during(lambda: layer(x))
+print(json.dumps({"growth": growth, "input": x.numel() * x.element_size(),
+                  "output": y.numel() * y.element_size(), "shape": list(y.shape), "method": method}))
+"""
 
 
 def test_forward_peak_memory_within_three_times_input_plus_output():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_measuring_script(_MEMORY_SCRIPT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=300)
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert report["shape"] == [1, 64, 512, 512]
     budget = 3 * (report["input"] + report["output"])
     # the output itself must be resident, so a growth below it would mean the measurement is broken

@@ -31,21 +31,15 @@ from sample_data import (
     parse_class_maps,
 )
 from sample_data.archive import extract_members
+from sample_data.fetch import MANIFEST_NAME
 from sample_data.sources import DirectoryMember
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_FILES = {
-    "example_ct.nii.gz",
-    "example_seg_fast_force_split.nii.gz",
-    "example_ct_sm.nii.gz",
-    "example_seg.nii.gz",
-    "example_mr_sm.nii.gz",
-    "example_seg_mr.nii.gz",
-    "example_seg_dicom.nii.gz",
-    "example_ct_dicom",
-    "LICENSE",
-    ".manifest.json",
-}
+
+
+def extracted_names(source: SourceArchive) -> set[str]:
+    """What fetching must leave in ``source``'s cache folder: the pinned files and folders and the manifest."""
+    return set(source.files.values()) | {member.destination for member in source.directories} | {MANIFEST_NAME}
 
 
 def _sha256(path: Path) -> str:
@@ -95,14 +89,10 @@ def liver_store(sample, tmp_path_factory):
 
 
 def test_fetch_extracts_the_pinned_files(sample):
-    assert {p.name for p in sample.reference_files.iterdir()} == REFERENCE_FILES
+    assert {p.name for p in sample.reference_files.iterdir()} == extracted_names(TOTALSEGMENTATOR)
+    assert len(extracted_names(TOTALSEGMENTATOR)) == 10  # 7 volumes, the DICOM series, LICENSE, the manifest
     assert len(list(sample.example_ct_dicom.iterdir())) == 20
-    assert {p.name for p in sample.slicerio_dir.iterdir()} == {
-        "CTChest4.nrrd",
-        "Segmentation.seg.nrrd",
-        "LICENSE",
-        ".manifest.json",
-    }
+    assert {p.name for p in sample.slicerio_dir.iterdir()} == extracted_names(SLICERIO)
     for source in (TOTALSEGMENTATOR, SLICERIO):
         archive = sample.data_dir / "downloads" / source.filename
         assert _sha256(archive) == source.sha256

@@ -10,7 +10,7 @@ main thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .client import InferResult, MonaiLabelClient
 from .errors import MedAttnClientError, OperationCancelled, ProtocolError, ServerError, TrainingFailed
@@ -294,25 +294,26 @@ def run_training(
     """
     old_start = _train_stats(client, task, ctx).get("start_ts")
     record: Dict[str, Any] = {}
+    stats: Dict[str, Any] = {}
+
+    def show_progress(status: str) -> None:
+        nonlocal stats
+        fresh = _train_stats(client, task, ctx)
+        if fresh.get("start_ts") != old_start:
+            stats = fresh
+        ctx.progress(training_fraction(stats), training_text(task, status, stats))
+
     try:
         ctx.progress(0.0, f"Starting training '{task}'")
-        record = client.train_start(task, params, cancel=ctx.cancel_token) or {}
-        task_id = record.get("id")
-        status, stats, missing = str(record.get("status") or "SUBMITTED"), {}, 0
-        while status not in _FINAL_TASK_STATES:
-            ctx.sleep(poll_interval_s)
-            current = _find_task(client.train_status(all_tasks=True, cancel=ctx.cancel_token), task_id)
-            if current is None:
-                missing += 1
-                if missing >= 3:
-                    raise ProtocolError(f"The server lost track of training task '{task}' ({task_id})")
-                continue
-            missing, record = 0, current
-            status = str(current.get("status") or "RUNNING")
-            fresh = _train_stats(client, task, ctx)
-            if fresh.get("start_ts") != old_start:
-                stats = fresh
-            ctx.progress(training_fraction(stats), training_text(task, status, stats))
+        record.update(client.train_start(task, params, cancel=ctx.cancel_token) or {})
+        status = _follow_task(
+            ctx,
+            record,
+            lambda: client.train_status(all_tasks=True, cancel=ctx.cancel_token),
+            poll_interval_s,
+            f"training task '{task}'",
+            show_progress,
+        )
     except OperationCancelled:
         if ctx.detached:  # the module is closing: the server's training is not ours to end
             raise OperationCancelled(f"Training '{task}' left running on the server") from None
@@ -378,19 +379,15 @@ def run_scoring(
     record: Dict[str, Any] = {}
     try:
         ctx.progress(None, f"Scoring with '{method}'")
-        record = client.scoring_start(method, params, cancel=ctx.cancel_token) or {}
-        task_id = record.get("id")
-        status, missing = str(record.get("status") or "SUBMITTED"), 0
-        while status not in _FINAL_TASK_STATES:
-            ctx.sleep(poll_interval_s)
-            current = _find_task(client.scoring_status(all_tasks=True, cancel=ctx.cancel_token), task_id)
-            if current is None:
-                missing += 1
-                if missing >= 3:
-                    raise ProtocolError(f"The server lost track of scoring task '{method}' ({task_id})")
-                continue
-            missing, record, status = 0, current, str(current.get("status") or "RUNNING")
-            ctx.progress(None, f"Scoring '{method}': {status}")
+        record.update(client.scoring_start(method, params, cancel=ctx.cancel_token) or {})
+        status = _follow_task(
+            ctx,
+            record,
+            lambda: client.scoring_status(all_tasks=True, cancel=ctx.cancel_token),
+            poll_interval_s,
+            f"scoring task '{method}'",
+            lambda status: ctx.progress(None, f"Scoring '{method}': {status}"),
+        )
     except OperationCancelled:
         if ctx.detached:  # the module is closing: leave the server's task alone
             raise OperationCancelled(f"Scoring '{method}' left running on the server") from None
@@ -406,6 +403,45 @@ def run_scoring(
             f"Scoring '{method}' ended with status {status}: " + "; ".join(map(str, (record.get("details") or [])[-3:]))
         )
     return client.datastore("all", cancel=ctx.cancel_token)
+
+
+def _follow_task(
+    ctx: JobContext,
+    record: Dict[str, Any],
+    statuses: Callable[[], Any],
+    poll_interval_s: float,
+    what: str,
+    on_poll: Callable[[str], None],
+) -> str:
+    """Poll a server task until its status is final; that status.
+
+    Args:
+        record: the task record the start request answered; updated in place with each newer record, so that a
+            caller interrupted by cancellation still knows the task's id.
+        statuses: ``GET /train/`` or ``GET /scoring/`` with all tasks.
+        poll_interval_s: seconds between polls.
+        what: the task in messages (``"training task 'x'"``).
+        on_poll: called with the status after each poll that found the task (progress reports).
+
+    Raises:
+        ProtocolError: the server lost track of the task (three polls in a row without it).
+    """
+    task_id = record.get("id")
+    status, missing = str(record.get("status") or "SUBMITTED"), 0
+    while status not in _FINAL_TASK_STATES:
+        ctx.sleep(poll_interval_s)
+        current = _find_task(statuses(), task_id)
+        if current is None:
+            missing += 1
+            if missing >= 3:
+                raise ProtocolError(f"The server lost track of {what} ({task_id})")
+            continue
+        missing = 0
+        record.clear()
+        record.update(current)
+        status = str(current.get("status") or "RUNNING")
+        on_poll(status)
+    return status
 
 
 def _train_stats(client: MonaiLabelClient, task: str, ctx: JobContext) -> Dict[str, Any]:
