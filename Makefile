@@ -40,7 +40,9 @@ weights: data
 
 # OpenMP threads sleep rather than spin while waiting: on a shared, loaded machine spinning threads that wait for a
 # descheduled peer made the suite up to 5x slower
+# the small sample models the tests use are trained first, one per core at a time (cached outside the checkout)
 test: setup
+	$(PY) -m sample_models --jobs $$(nproc)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q
 
 bench-quick: setup
@@ -50,6 +52,7 @@ bench-quick: setup
 # VNNI), whatever this CPU is; .ci/run calls it where the CPU's own class is higher (networks/isa.py)
 .PHONY: test-avx2
 test-avx2: setup
+	$(PY) -m sample_models --jobs $$(nproc)
 	MEDATTN_ISA=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} \
 		$(PY) -m pytest -q tests/test_attention_kernels.py tests/test_quantization.py tests/test_attention_classifiers_int8.py
 

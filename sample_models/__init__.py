@@ -5,6 +5,9 @@ Benchmarks are production code and must not import the test suite; what both nee
 
     >>> from sample_models import ct_slices, trained_model
     >>> model, config = trained_model("sadnn_seg_small_2d")
+
+``python -m sample_models [--jobs N] [names]`` trains the models not cached yet, N at a time (``make test`` runs it
+first, with one job per core).
 """
 
 from .trained_models import (
@@ -14,10 +17,12 @@ from .trained_models import (
     CTData,
     TrainConfig,
     cache_dir,
+    code_digest,
     ct_slices,
     ct_volume_crops,
     data_for,
     train,
+    train_missing,
     trained_model,
 )
 
@@ -28,9 +33,11 @@ __all__ = [
     "CTData",
     "TrainConfig",
     "cache_dir",
+    "code_digest",
     "ct_slices",
     "ct_volume_crops",
     "data_for",
     "train",
+    "train_missing",
     "trained_model",
 ]

@@ -7,8 +7,11 @@ to [-200, 300] -> [0, 1], normalised to zero mean / unit variance and resized to
 crops of the resized abdomen volume.
 Even slices (and four of the eight 3D crops) train and calibrate; odd slices (the other crops) are held out.
 
-Trained weights are cached as :mod:`networks.checkpoint` files under ``<data dir>/test_cache`` keyed by a hash of
-the training configuration (and this module's data preparation version), so only the first run pays for training.
+Trained weights are cached as :mod:`networks.checkpoint` files in ``$MEDATTN_MODEL_CACHE`` or
+``~/.cache/medattn/trained_models`` (like the kernel cache: outside the checkout, so a fresh clone on the same machine
+reuses them), keyed by a hash of the training configuration, the data preparation, the torch version and the source
+of everything that shapes the weights (:func:`code_digest`): only the first run after a change pays for training, and
+``python -m sample_models`` pays it up front, several models at a time.
 
     >>> from sample_models import trained_model, ct_slices
     >>> model, config = trained_model("sadnn_seg_small_2d")
@@ -47,6 +50,8 @@ __all__ = [
     "train",
     "trained_model",
     "cache_dir",
+    "code_digest",
+    "train_missing",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +84,29 @@ class TrainConfig:
 
     def key(self) -> str:
         data = {"version": DATA_VERSION, "window": CT_WINDOW_HU, "norm": CT_NORMALISATION, "slices": SLICE_RANGE}
-        payload = json.dumps({**dataclasses.asdict(self), "data": data}, sort_keys=True)
+        code = {"torch": torch.__version__, "sources": code_digest()}
+        payload = json.dumps({**dataclasses.asdict(self), "data": data, "code": code}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# what a cached model's weights depend on besides its config: the networks (and the kernels they may call), their
+# factory, and this module (data preparation and the training loop). Quantisation, the app and the tests are not in it.
+_WEIGHT_SOURCES = ("networks/nets", "networks/blocks", "networks/kernels", "networks/factory.py", "sample_models")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of the source files under :data:`_WEIGHT_SOURCES` (``.py``, ``.cpp``, ``.h``): a
+    cached model trained by other code is never reused."""
+    digest = hashlib.sha256()
+    for top in _WEIGHT_SOURCES:
+        root = REPO_ROOT / top
+        files = [root] if root.is_file() else sorted(root.rglob("*"))
+        for path in files:
+            if path.suffix in (".py", ".cpp", ".h") and path.is_file():
+                digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # Pure self-attention nets (SaDNN) start with sharply peaked attention: with no 1/sqrt(d) scaling (SASA has none),
@@ -171,10 +197,17 @@ class CTData:
         return self.images[index], self.liver[index], self.organs[index]
 
 
-def cache_dir() -> Path:
-    from sample_data import default_data_dir
+MODEL_CACHE_ENV = "MEDATTN_MODEL_CACHE"
 
-    path = default_data_dir() / "test_cache"
+
+def cache_dir() -> Path:
+    """``$MEDATTN_MODEL_CACHE``, else ``$XDG_CACHE_HOME/medattn/trained_models`` (``~/.cache/...``); created."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    if configured:
+        path = Path(configured).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        path = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medattn" / "trained_models"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -379,3 +412,32 @@ def trained_model(name_or_config: str | TrainConfig) -> tuple[nn.Module, TrainCo
         )
     model, _ = load_checkpoint(path)
     return model, config
+
+
+def train_missing(names: list[str] | None = None, jobs: int = 1, log: Any = print) -> dict[str, float | None]:
+    """Train the models of ``CONFIGS`` (all, or ``names``) that are not cached yet, ``jobs`` at a time (each trains on
+    one thread in its own process, so ``jobs`` up to the number of cores run side by side).
+
+    Returns:
+        ``{name: seconds it took, or None when it was cached already}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = list(CONFIGS) if names is None else names
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(CONFIGS)}")
+    _volume()  # fetch and prepare the sample CT once, before the training processes need it
+
+    def one(name: str) -> float | None:
+        config = CONFIGS[name]
+        if (cache_dir() / f"{config.model_name}-{config.spatial_dims}d-{config.key()}.pt").exists():
+            return None
+        start = time.perf_counter()
+        trained_model(name)
+        seconds = time.perf_counter() - start
+        log(f"trained {name} in {seconds:.1f} s")
+        return seconds
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))

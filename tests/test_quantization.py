@@ -2,7 +2,7 @@
 """INT8 post-training quantisation, TorchScript artifacts and INT8-vs-FP32 agreement.
 
 Agreement is measured on held-out real CT slices/crops (example_ct) with networks trained briefly on the other
-slices (sample_models/trained_models.py; cached under <data dir>/test_cache after the first run).
+slices (sample_models/trained_models.py; cached in ~/.cache/medattn/trained_models, trained by `make test` first).
 """
 
 from __future__ import annotations
