@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -161,9 +162,26 @@ def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int])
     return cls(spec.served_name(precision), spec, files, precision, NetworkCache(), labels)
 
 
+def _slice_interval(comparison_map: Any, dice: float) -> dict[str, Any]:
+    """Bootstrap 95 % interval of a volume's Dice over its slices (the last axis), from the over/under map the
+    infer task returns (:mod:`monailabel_app.lib.comparison` values)."""
+    from monailabel_app.lib.comparison import AGREEMENT, OVER, UNDER
+    from monailabel_app.lib.intervals import pooled_dice_interval
+
+    values = np.asarray(comparison_map.detach().cpu() if isinstance(comparison_map, torch.Tensor) else comparison_map)
+    values = values.reshape(-1, values.shape[-1])  # (voxels of a slice, slices)
+    counts = [(values == v).sum(axis=0) for v in (AGREEMENT, OVER, UNDER)]
+    interval = pooled_dice_interval(*counts)
+    if (
+        abs(interval["value"] - dice) > 1e-3
+    ):  # the same voxels as the task's own figure, or the map is not what we think
+        raise RuntimeError(f"per-slice counts give Dice {interval['value']}, the task reported {dice:.4f}")
+    return interval
+
+
 def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[str, Any]:
     """Dice against the TotalSegmentator label (the family's one organ) of every image in ``datastore_dir``, FP32
-    and INT8."""
+    and INT8, with its bootstrap 95 % interval over the image's slices."""
     spec = FAMILIES[family]
     store = _datastore(datastore_dir)
     result: dict[str, Any] = {}
@@ -181,8 +199,10 @@ def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[
                 }
             )
             figures = data["result"]["comparison"]
+            interval = _slice_interval(data["pred"], figures["dice"])
             result.setdefault(image_id, {})[precision] = {
                 "dice": round(figures["dice"], 4),
+                "dice_interval": [interval["low"], interval["high"]],
                 "over_ml": round(figures["over_ml"], 1),
                 "under_ml": round(figures["under_ml"], 1),
                 "reference_ml": round(figures["reference_ml"], 1),
@@ -192,9 +212,11 @@ def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[
 
 
 def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs: tuple[str, ...]) -> dict[str, Any]:
-    """Per-slice organ-presence F1 (pooled over classes and slices) of FP32 and INT8 on ``datastore_dir``."""
+    """Per-slice organ-presence F1 (pooled over classes and every slice) of FP32 and INT8 on ``datastore_dir``, with
+    its bootstrap 95 % interval over the slices."""
     from monai.transforms import Compose
 
+    from monailabel_app.lib.intervals import pooled_dice_interval
     from monailabel_app.lib.model_store import load_network
     from monailabel_app.lib.preprocess import Preprocessing
     from monailabel_app.lib.transforms.labels import PresenceTargetd
@@ -214,9 +236,9 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
             with torch.no_grad():
                 decisions = torch.sigmoid(network(image.float())) >= 0.5  # (slices, classes)
             targets = torch.as_tensor(d["label"]).T.bool()
-            tp = int((decisions & targets).sum())
-            fp = int((decisions & ~targets).sum())
-            fn = int((~decisions & targets).sum())
+            per_slice = [(decisions & targets).sum(1), (decisions & ~targets).sum(1), (~decisions & targets).sum(1)]
+            tp, fp, fn = (int(c.sum()) for c in per_slice)
+            interval = pooled_dice_interval(*(c.numpy() for c in per_slice))
             per_class = {}
             for c, organ in enumerate(organs):
                 t, p = targets[:, c], decisions[:, c]
@@ -224,6 +246,7 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
                 per_class[organ] = round(2 * int((t & p).sum()) / denominator, 4) if denominator else 1.0
             result.setdefault(image_id, {})[precision] = {
                 "f1": round(2 * tp / (2 * tp + fp + fn), 4) if (tp + fp + fn) else 1.0,
+                "f1_interval": [interval["low"], interval["high"]],
                 "accuracy": round(float((decisions == targets).float().mean()), 4),
                 "per_class_f1": per_class,
                 "slices": int(image.shape[0]),

@@ -323,9 +323,18 @@ def _bundle_with(tmp_path: Path, figures: dict[str, float]) -> Path:
     model = tmp_path / "app" / "model"
     model.mkdir(parents=True)
     families = {
-        family: {"held_out": {"example_ct_dicom": {"fp32": {"dice": dice}, "int8": {"dice": dice + 0.01}}}}
+        family: {
+            "held_out": {
+                "example_ct_dicom": {
+                    "fp32": {"dice": dice, "dice_interval": [dice - 0.05, dice + 0.03]},
+                    "int8": {"dice": dice + 0.01},
+                },
+                "other_ct": {"fp32": {"dice": dice + 0.05, "dice_interval": [0.1, 0.99]}},  # better: not the worst
+            }
+        }
         for family, dice in figures.items()
     }
+    families["hct_cls"] = {"held_out": {"example_ct_dicom": {"int8": {"f1": 0.5, "f1_interval": [0.3, 0.7]}}}}
     (model / "bundled_weights.json").write_text(json.dumps({"families": families, "labels_are": "model outputs"}))
     return model.parent
 
@@ -346,7 +355,13 @@ def test_models_below_the_quality_floor_are_served_only_on_request(tmp_path: Pat
     quality = bundled_quality("sadnn_seg", str(app / "model"))
     assert quality["experimental"] and quality["worst"] == pytest.approx(floor - 0.001)
     assert quality["values"] == pytest.approx({"fp32": floor - 0.001, "int8": floor + 0.009})
-    assert bundled_quality("hct_cls", str(app / "model")) is None  # no classification floor
+    # the worst image's interval, none where the figures have none
+    assert quality["intervals"] == {"fp32": pytest.approx([floor - 0.051, floor + 0.029])}
+    # a family without a floor still reports its figure, and is never experimental
+    classifier = bundled_quality("hct_cls", str(app / "model"))
+    assert classifier["floor"] is None and classifier["experimental"] is False and "F1" in classifier["metric"]
+    assert classifier["values"] == {"int8": 0.5} and classifier["intervals"] == {"int8": [0.3, 0.7]}
+    assert bundled_quality("patchconvnet_cls", str(app / "model")) is None  # no figures
 
 
 def test_bundled_3d_sadnn_is_not_served_by_default():
@@ -366,5 +381,8 @@ def test_info_marks_experimental_models_and_never_defaults_to_one(server: Server
     quality = models["sadnn_seg3d_fp32"]["quality"]
     assert quality["worst"] < quality["floor"] == 0.8 and "example_ct_dicom" in quality["measured_on"]
     assert models["sadnn_seg_int8"]["experimental"] is False and models["sadnn_seg_int8"]["quality"]["worst"] >= 0.8
-    assert models["hct_cls_int8"]["quality"] is None and models["hct_cls_int8"]["experimental"] is False
+    classifier = models["hct_cls_int8"]["quality"]  # measured, with no floor: never experimental
+    assert (
+        classifier["floor"] is None and classifier["values"]["int8"] > 0 and not models["hct_cls_int8"]["experimental"]
+    )
     assert info["default_model"] == "sadnn_seg_int8"

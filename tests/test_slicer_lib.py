@@ -357,6 +357,36 @@ def test_model_cards_and_picker_text():
     assert "INT8 3.8x smaller" in card_text and "INT8 20.4x less" in card_text and "1x1x256x256" in card_text
     bare = ModelCard.from_info("other", {"type": "segmentation"})
     assert formatting.model_picker_text(bare) == "other | ? | n/a params | n/a | energy n/a"
+    assert formatting.quality_lines(bare) == [] and "Floor" not in formatting.model_card_text(bare)
+
+
+def test_measured_quality_and_experimental_models_are_shown():
+    """/info's quality (lib/quality.py): the figure per precision with its interval, the floor, what it was measured
+    on; a model below its floor is marked in the picker and warned about first in its card."""
+    quality = {
+        "metric": "held-out Dice",
+        "values": {"int8": 0.1355, "fp32": 0.1402},
+        "intervals": {"fp32": [0.09, 0.2]},
+        "floor": 0.8,
+        "experimental": True,
+        "measured_on": "example_ct_dicom (held out)",
+        "labels_are": "TotalSegmentator model outputs, not manual ground truth",
+    }
+    entry = {"type": "segmentation", "precision": "fp32", "quality": quality, "experimental": True}
+    card = ModelCard.from_info("sadnn_seg3d_fp32", entry)
+    assert card.experimental and formatting.model_picker_text(card).endswith("energy n/a  (experimental)")
+    lines = formatting.quality_lines(card)
+    assert lines == [
+        "EXPERIMENTAL: measured below its quality floor (0.80); check every result.",
+        "Held-out Dice: FP32 0.140 (95 % CI 0.090-0.200), INT8 0.136",
+        "Floor: 0.80; measured on example_ct_dicom (held out)",
+        "Reference labels: TotalSegmentator model outputs, not manual ground truth",
+    ]
+    assert formatting.model_card_text(card).endswith("\n".join(lines))
+    no_floor = ModelCard.from_info("hct_cls_int8", {"quality": {**quality, "floor": None, "experimental": False}})
+    assert not no_floor.experimental and formatting.quality_lines(no_floor)[1].startswith("Floor: none;")
+    with pytest.raises(ValueError, match="quality must be a dict"):
+        ModelCard.from_info("bad", {"quality": 0.9})
     with pytest.raises(ValueError, match="params must be a number"):
         ModelCard.from_info("bad", {"model_card": {"params": "many"}})
     with pytest.raises(ValueError, match="models"):

@@ -30,6 +30,7 @@ __all__ = [
     "format_ml",
     "model_picker_text",
     "model_card_text",
+    "quality_lines",
     "probability_rows",
     "comparison_text",
     "comparison_rows",
@@ -101,6 +102,8 @@ def model_picker_text(card: ModelCard) -> str:
     energy = card.energy_j
     pieces.append(f"{format_energy(energy)}/pass" if energy is not None else "energy n/a")
     text = " | ".join(pieces)
+    if card.experimental:
+        text += "  (experimental)"
     return text + "  (default)" if card.default else text
 
 
@@ -122,7 +125,43 @@ def model_card_text(card: ModelCard) -> str:
         lines.append("Figures for input " + "x".join(str(s) for s in card.input_shape))
     if card.twin:
         lines.append(f"Twin in the other precision: {card.twin}")
+    lines.extend(quality_lines(card))
     return "\n".join(lines)
+
+
+def quality_lines(card: ModelCard) -> List[str]:
+    """The measured held-out quality of the bundled weights: per precision the figure and its interval, the floor,
+    what it was measured on; a warning first when the model is below its floor. Empty when the server gives none."""
+    quality = card.quality
+    if not quality or not isinstance(quality.get("values"), Mapping):
+        return []
+    intervals = quality.get("intervals") if isinstance(quality.get("intervals"), Mapping) else {}
+    figures = []
+    for precision, value in sorted(quality["values"].items()):
+        text = f"{precision.upper()} {float(value):.3f}"
+        interval = intervals.get(precision)
+        if interval and len(interval) == 2:
+            text += f" (95 % CI {float(interval[0]):.3f}-{float(interval[1]):.3f})"
+        figures.append(text)
+    lines = []
+    floor = quality.get("floor")
+    if card.experimental:
+        lines.append(f"EXPERIMENTAL: measured below its quality floor ({_number(floor)}); check every result.")
+    metric = str(quality.get("metric") or "held-out quality")
+    lines.append(f"{metric[:1].upper()}{metric[1:]}: " + ", ".join(figures))
+    lines.append(
+        f"Floor: {_number(floor) if floor is not None else 'none'}; measured on {quality.get('measured_on', _NA)}"
+    )
+    if quality.get("labels_are"):
+        lines.append(f"Reference labels: {quality['labels_are']}")
+    return lines
+
+
+def _number(value: Any) -> str:
+    try:
+        return f"{float(value):.2f}"
+    except (TypeError, ValueError):
+        return _NA
 
 
 def _ratio_text(fp32: Optional[float], int8: Optional[float], word: str) -> str:

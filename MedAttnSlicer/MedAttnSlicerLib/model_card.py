@@ -42,6 +42,9 @@ class ModelCard:
         explanations: classifiers' saliency methods (``explain`` values; ``["rise"]`` when the app lists none),
             empty for other models.
         default_explanation: the method to preselect (``""`` for non-classifiers).
+        quality: the measured held-out quality of the bundled weights (``/info``'s ``quality``: ``metric``,
+            ``values`` and ``intervals`` per precision, ``floor``, ``measured_on``, ``labels_are``), None if unknown.
+        experimental: below its family's quality floor (served only with ``--conf models all``).
     """
 
     name: str
@@ -61,6 +64,8 @@ class ModelCard:
     input_shape: Optional[List[int]] = None
     explanations: List[str] = field(default_factory=list)
     default_explanation: str = ""
+    quality: Optional[Dict[str, Any]] = None
+    experimental: bool = False
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -76,6 +81,9 @@ class ModelCard:
         if not isinstance(card, dict):
             raise ValueError(f"Model '{name}': model_card must be a dict, got {type(card).__name__}")
         precision = str(entry.get("precision") or card.get("precision") or "").lower()
+        quality = entry.get("quality")
+        if quality is not None and not isinstance(quality, dict):
+            raise ValueError(f"Model '{name}': quality must be a dict, got {type(quality).__name__}")
         task = str(entry.get("type") or "")
         try:
             explanations = explanation_methods(entry) if task == CLASSIFICATION else []
@@ -100,6 +108,8 @@ class ModelCard:
             input_shape=list(card["input_shape"]) if card.get("input_shape") else None,
             explanations=explanations,
             default_explanation=default_method,
+            quality=quality,
+            experimental=bool(entry.get("experimental", False)),
             raw=dict(entry),
         )
 

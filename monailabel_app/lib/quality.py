@@ -32,33 +32,51 @@ def _bundled_report(bundled_dir: str) -> dict[str, Any]:
         return {}
 
 
+# the figure a family without a floor reports (a floor names its own metric)
+_TASK_METRIC = {
+    "segmentation": ("dice", "held-out Dice"),
+    "classification": ("f1", "held-out organ-presence F1 (pooled over classes and slices)"),
+}
+
+
 def bundled_quality(family: str, bundled_dir: str) -> dict[str, Any] | None:
-    """The measured held-out quality of a family's bundled weights and its floor, for ``/info``; None for a family
-    without a floor (or not registered) or without figures.
+    """The measured held-out quality of a family's bundled weights, with its interval and floor, for ``/info`` and
+    the Slicer panel; None for an unregistered family or one without figures.
 
     Returns:
-        ``{"metric", "values": {precision: value}, "worst", "floor", "experimental", "measured_on", "labels_are"}``.
+        ``{"metric", "values": {precision: value}, "intervals": {precision: [low, high]}, "interval", "worst",
+        "floor" (None: no floor), "experimental", "measured_on", "labels_are"}``: per precision the worst held-out
+        image counts, with that image's bootstrap 95 % interval over its slices.
     """
     entry = FAMILIES.get(family)
-    floor = entry.quality_floor if entry is not None else None
+    if entry is None:
+        return None
+    floor = entry.quality_floor
+    metric, what = (floor.metric, floor.what) if floor is not None else _TASK_METRIC[entry.task]
     report = _bundled_report(bundled_dir)
     held_out = (report.get("families", {}).get(family) or {}).get("held_out") or {}
-    if floor is None or not held_out:
-        return None
     values: dict[str, float] = {}
+    intervals: dict[str, list[float]] = {}
     for figures in held_out.values():  # {image: {precision: {metric: value}}}; the worst image counts
         for precision, numbers in figures.items():
-            if floor.metric in numbers:
-                values[precision] = min(values.get(precision, 1.0), float(numbers[floor.metric]))
+            if metric in numbers and float(numbers[metric]) < values.get(precision, 2.0):
+                values[precision] = float(numbers[metric])
+                interval = numbers.get(f"{metric}_interval")
+                if interval:
+                    intervals[precision] = [float(v) for v in interval]
+                else:
+                    intervals.pop(precision, None)
     if not values:
         return None
     worst = min(values.values())
     return {
-        "metric": floor.what,
+        "metric": what,
         "values": values,
+        "intervals": intervals,
+        "interval": "bootstrap 95 % over the slices of the held-out image (not over patients: one held-out patient)",
         "worst": worst,
-        "floor": floor.value,
-        "experimental": worst < floor.value,
+        "floor": floor.value if floor is not None else None,
+        "experimental": floor is not None and worst < floor.value,
         "measured_on": ", ".join(sorted(held_out)) + " (held out: another patient than the training images)",
         "labels_are": report.get("labels_are", "TotalSegmentator model outputs, not manual ground truth"),
     }
