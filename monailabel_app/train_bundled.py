@@ -153,13 +153,14 @@ def requantize_family(family: ModelFamily, bundled: Path, work: Path, seed: int)
 
 
 def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int]):
+    from monailabel_app.lib.infers.base import ServedModel
     from monailabel_app.lib.infers.classification import ClassificationInfer
     from monailabel_app.lib.infers.segmentation import SegmentationInfer
 
     spec = FAMILIES[family]
     files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
     cls = ClassificationInfer if spec.task == "classification" else SegmentationInfer
-    return cls(spec.served_name(precision), spec, files, precision, NetworkCache(), labels)
+    return cls(ServedModel(spec.served_name(precision), spec, files, precision, NetworkCache(), labels))
 
 
 def _slice_interval(comparison_map: Any, dice: float) -> dict[str, Any]:
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": stats.get("train_seconds"),
             "final_train_metric": stats.get("best_metric"),
             "int8_agreement_on_calibration": (stats.get("published") or {}).get("int8_agreement"),
+            "int8_recipe": registered.int8.describe() if registered.int8 else None,
             "held_out": held_out,
             "training_images": training,
         }

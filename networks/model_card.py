@@ -192,13 +192,19 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], *, device: str | to
     return {"macs": int(counted_macs + rules), "macs_counted": int(counted_macs), "macs_rules": int(rules)}
 
 
-def count_int8_macs(model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "meta") -> int:
+def count_int8_macs(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    device: str | torch.device = "meta",
+    keep_float: Sequence[str] = (),
+) -> int:
     """MACs of one forward pass that :func:`networks.quantization.quantize_int8` turns into integer arithmetic.
 
     Those are the Conv/Linear leaves it quantises and the local self-attention layers (projections + fused INT8
     core, by their MAC rule); the rest of :func:`count_macs` stays float in the INT8 network: the products of the
     token attentions (Performer, Nystrom, re-attention, class attention), transposed convolutions, and everything in
-    modules registered float-only.
+    modules registered float-only, and the layers named in ``keep_float`` (as given to ``quantize_int8``).
     """
     _register_builtin_rules()
     import copy
@@ -207,7 +213,7 @@ def count_int8_macs(model: nn.Module, input_shape: Sequence[int], *, device: str
 
     work = copy.deepcopy(model).eval().to(device)
     work.requires_grad_(False)
-    attention, leaves, _ = _select_targets(work)
+    attention, leaves, _ = _select_targets(work, frozenset(keep_float))
     total = 0
 
     def leaf_hook(module, inputs, output):
@@ -265,6 +271,7 @@ def model_card(
     fp32_state_dict_path: str | os.PathLike | None = None,
     precision: str | None = None,
     mac_device: str = "meta",
+    int8_keep_float: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Card of a network for one forward pass of ``input_shape`` (``(batch, channels, *spatial)``).
 
@@ -281,6 +288,8 @@ def model_card(
         precision: the precision the card's model is served at ("fp32"/"int8"); defaults to "int8" when INT8
             information is given, else "fp32".
         mac_device: device used to count MACs ("meta" by default, see :func:`count_macs`).
+        int8_keep_float: layers the INT8 network keeps float (``quantize_int8``'s ``keep_float``): their MACs are
+            not counted in ``macs_int8``.
 
     Returns:
         JSON-serialisable dictionary with ``name, params, macs, macs_counted, macs_rules, fp32_size_bytes,
@@ -312,7 +321,7 @@ def model_card(
         int8_size_source = int8_size_source or "artifact saved from the given INT8 model"
 
     energy_int8 = energy_joules(macs["macs"], "int8") if int8_size is not None else None
-    macs_int8 = min(count_int8_macs(model, input_shape, device=mac_device), macs["macs"])
+    macs_int8 = min(count_int8_macs(model, input_shape, device=mac_device, keep_float=int8_keep_float), macs["macs"])
     energy_mixed = None
     if int8_size is not None:
         energy_mixed = energy_joules(macs_int8, "int8") + energy_joules(macs["macs"] - macs_int8, "fp32")

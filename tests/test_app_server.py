@@ -79,6 +79,9 @@ def test_info_lists_models_with_cards(server: ServerHandle, client: MONAILabelCl
     int8_card = models["sadnn_seg_int8"]["model_card"]
     assert 0 < int8_card["int8_size_bytes"] < int8_card["fp32_size_bytes"]
     assert int8_card["energy_int8_j"] < int8_card["energy_fp32_j"]
+    # the INT8 recipe's float layers are named in the card, with the reason, and their MACs are not counted as INT8
+    assert int8_card["int8_kept_float"] == ["enc0.attention", "enc1.attention"]
+    assert "equalisation" in int8_card["int8_recipe"] and int8_card["macs_int8"] < int8_card["macs"]
     assert models["sadnn_seg_int8"]["labels"] == {"liver": 1}
     assert set(info["strategies"]) == {"random", "first", "tta_uncertainty", "int8_disagreement"}
     assert set(info["scoring"]) == {"over_under", "int8_agreement"}

@@ -288,6 +288,18 @@ def test_int8_macs_of_local_attention_nets_are_all_macs():
     assert count_int8_macs(model, (1, 1, 64, 64)) == count_macs(model, (1, 1, 64, 64))["macs"]
 
 
+def test_int8_macs_leave_out_the_layers_kept_float():
+    model = create_model("sadnn_seg_small")
+    shape = (1, 1, 64, 64)
+    everything = count_int8_macs(model, shape)
+    kept = count_int8_macs(model, shape, keep_float=["enc0.attention", "enc1.attention"])
+    # the two layers kept float are exactly the MACs of a network made of them alone
+    alone = count_macs(model.enc0.attention, shape)["macs"] + count_macs(model.enc1.attention, (1, 8, 64, 64))["macs"]
+    assert kept == everything - alone
+    card = model_card(model, shape, name="kept", int8_model=None, int8_keep_float=["enc0.attention"])
+    assert card["macs_int8"] < card["macs"]
+
+
 def _card_model_layer_macs(name: str) -> int:
     """MACs of the convolutions and linear layers of a registered card model, from their shapes: output elements x
     input channels per group x kernel elements, or output elements x input features."""

@@ -86,14 +86,21 @@ class ModelCards:
         prep = Preprocessing.from_dict(read_app_metadata(fp32).get("preprocess"))
         input_shape = [1, int(getattr(model, "in_channels", 1)), *prep.roi_size]
         int8 = files.current("int8") if has_int8 else None
+        # the INT8 recipe the artifact was made with (older artifacts have none): its float layers and why
+        recipe = (read_app_metadata(int8).get("int8_recipe") or {}) if int8 else {}
+        keep_float = list((recipe.get("quantize_options") or {}).get("keep_float") or [])
         card = model_card(
             model,
             input_shape,
             name=name,
             int8_artifact_path=int8,
             precision=precision,
+            int8_keep_float=keep_float,
         )
         card = {k: v for k, v in card.items()}
+        if int8:
+            card["int8_kept_float"] = keep_float
+            card["int8_recipe"] = recipe.get("why") or "defaults"
         card["factory_name"] = metadata.get("factory_name")
         card["weights"] = os.path.basename(fp32) if precision == "fp32" or not int8 else os.path.basename(int8)
         missing = [f for f in CARD_FIELDS if f not in card]

@@ -60,11 +60,13 @@ class CalibrationRanges:
     Attributes:
         ranges: activation ranges by key (``"<name>#in"``, ``"<name>#out"``, ``"<attention>.query#out"``, ...).
         value_channels: per-channel value ranges of each attention layer (only with value equalisation).
+        input_channels: per-channel input ranges of each attention layer (only with input equalisation).
         batches: number of calibration batches run.
     """
 
     ranges: dict[str, ActivationRange] = field(default_factory=dict)
     value_channels: dict[str, PerChannelMinMaxObserver] = field(default_factory=dict)
+    input_channels: dict[str, PerChannelMinMaxObserver] = field(default_factory=dict)
     batches: int = 0
 
     def reached(self, name: str) -> bool:
@@ -79,6 +81,7 @@ def calibrate(
     *,
     reduce_range: bool = True,
     equalize_values: bool = True,
+    equalize_inputs: bool = False,
 ) -> CalibrationRanges:
     """Run ``model`` (eval mode, CPU) on every calibration batch with observers on the inputs and outputs of
     ``targets``; the hooks are removed afterwards, also on error.
@@ -89,6 +92,7 @@ def calibrate(
         calibration: batches as accepted by :func:`calibration_batches`; at least one.
         reduce_range: 7-bit ranges for the inputs of FBGEMM's INT8 ops.
         equalize_values: also record the per-channel ranges of each attention layer's values.
+        equalize_inputs: also record the per-channel ranges of each attention layer's input.
 
     Raises:
         ValueError: calibration yielded no batch (or a bad one, see :func:`calibration_batches`).
@@ -107,6 +111,11 @@ def calibrate(
         for proj in ("query", "key", "value"):
             out_range = record(f"{name}.{proj}#out")
             handles.append(getattr(layer, proj).register_forward_hook(lambda mod, a, out, r=out_range: r.observe(out)))
+        if equalize_inputs:
+            in_channels = result.input_channels[name] = value_channel_observer()
+            handles.append(
+                layer.register_forward_pre_hook(lambda mod, args, o=in_channels: o(args[0].detach().float()))
+            )
         if equalize_values:
             observer = result.value_channels[name] = value_channel_observer()
             handles.append(layer.value.register_forward_hook(lambda mod, a, out, o=observer: o(out.detach().float())))

@@ -24,7 +24,12 @@ from networks.quantization.calibration import CalibrationRanges
 from networks.quantization.epilogue import fold_into_following_batchnorm, fusable_epilogue
 from networks.quantization.layer_choice import QuantizationTargets, conv_padding, leaf_kind
 from networks.quantization.modules import QuantizedLeaf, QuantizedLocalSelfAttention
-from networks.quantization.observers import ActivationRange, quantized_weight, value_equalization
+from networks.quantization.observers import (
+    ActivationRange,
+    input_equalization,
+    quantized_weight,
+    value_equalization,
+)
 
 __all__ = [
     "convert_attention",
@@ -76,6 +81,7 @@ def quantized_attention(
     output_scale: torch.Tensor | None = None,
     output_shift: torch.Tensor | None = None,
     relu: bool = False,
+    input_gain: torch.Tensor | None = None,
 ) -> QuantizedLocalSelfAttention:
     """INT8 twin of ``layer``; its relative embedding is checked against ``layer.relative_embedding()``."""
     tables = torch.cat([getattr(layer, f"rel_{axis}").detach() for axis in range(layer.spatial_dims)], dim=0)
@@ -92,6 +98,7 @@ def quantized_attention(
         output_scale=output_scale,
         output_shift=output_shift,
         relu=relu,
+        input_gain=input_gain,
     )
     with torch.no_grad():
         if not torch.equal(quantized.relative_embedding(), layer.relative_embedding().float()):
@@ -109,6 +116,7 @@ def new_summary(kept_float: list[str]) -> dict[str, Any]:
         "leaves": [],
         "kept_float": list(kept_float),
         "value_equalization": {},
+        "input_equalization": {},
         "fused_epilogue": {},
     }
 
@@ -122,12 +130,16 @@ def convert_attention(
     *,
     equalize_values: bool = True,
     fuse_epilogue: bool = True,
+    input_equalization_strength: float = 0.0,
+    reduce_range: bool = True,
 ) -> QuantizedLocalSelfAttention | None:
     """INT8 twin of the attention layer ``name`` (None, and a ``kept_float`` line, if calibration never reached it).
 
     Changes ``model`` in place where the maths moves: the value projection's rows are scaled by the equalisation
     gains; with ``fuse_epilogue`` the BatchNorm/ReLU folded into the core are replaced by ``nn.Identity``; without
-    it the gains' undoing goes into a following BatchNorm when there is one. Records what it did in ``summary``.
+    it the gains' undoing goes into a following BatchNorm when there is one. With ``input_equalization_strength``
+    > 0 the projections' weight columns are divided by the input gains the INT8 layer multiplies its input by
+    (:func:`~networks.quantization.observers.input_equalization`). Records what it did in ``summary``.
     """
     if not calibrated.reached(name):
         summary["kept_float"].append(f"{name}: LocalSelfAttention not reached by calibration")
@@ -156,13 +168,26 @@ def convert_attention(
         else:
             output_scale = 1.0 / gain
             summary["value_equalization"][name] = "output rescaled"
+    input_range = ranges[f"{name}#in"]
+    input_gain = None
+    if input_equalization_strength > 0.0 and layer.kernel_size > 1:
+        input_gain, input_range = input_equalization(
+            calibrated.input_channels[name], input_equalization_strength, reduce_range
+        )
+        column = input_gain.view(1, -1, *([1] * (layer.value.weight.ndim - 2)))
+        with torch.no_grad():
+            for projection in (layer.query, layer.key, layer.value):
+                projection.weight.div_(column)
+        summary["input_equalization"][name] = round(float(input_gain.max()), 3)
     projections = [
         quantized_conv(layer.query, ranges[f"{name}.query#out"]),
         quantized_conv(layer.key, ranges[f"{name}.key#out"]),
         quantized_conv(layer.value, value_range),
     ]
-    scale, zero_point = ranges[f"{name}#in"].qparams()
-    quantized = quantized_attention(layer, projections, scale, zero_point, output_scale, output_shift, relu)
+    scale, zero_point = input_range.qparams()
+    quantized = quantized_attention(
+        layer, projections, scale, zero_point, output_scale, output_shift, relu, input_gain=input_gain
+    )
     summary["attention"].append(name)
     return quantized
 
@@ -189,6 +214,8 @@ def convert_targets(
     *,
     equalize_values: bool = True,
     fuse_epilogue: bool = True,
+    input_equalization_strength: float = 0.0,
+    reduce_range: bool = True,
 ) -> tuple[dict[int, nn.Module], dict[str, Any]]:
     """Convert every target: attention layers first, in module order (each sees the Identity swaps of the previous
     ones), then the leaves.
@@ -201,7 +228,15 @@ def convert_targets(
     summary = new_summary(targets.kept_float)
     for name, layer in targets.attention:
         quantized = convert_attention(
-            model, name, layer, calibrated, summary, equalize_values=equalize_values, fuse_epilogue=fuse_epilogue
+            model,
+            name,
+            layer,
+            calibrated,
+            summary,
+            equalize_values=equalize_values,
+            fuse_epilogue=fuse_epilogue,
+            input_equalization_strength=input_equalization_strength,
+            reduce_range=reduce_range,
         )
         if quantized is not None:
             replacements[id(layer)] = quantized

@@ -81,6 +81,9 @@ class QuantizedLocalSelfAttention(nn.Module):
         output_shift: optional float ``(out_channels,)`` added after ``output_scale`` (a fused BatchNorm's
             ``bias - running_mean * weight / sqrt(running_var + eps)``). None: 0.
         relu: apply ReLU last (a fused following ReLU).
+        input_gain: optional float ``(in_channels,)`` multiplied into the input channels before quantisation (input
+            equalisation: the projections' weight columns were divided by it, so the float function is unchanged
+            while small input channels get more of the 8-bit levels). None: 1.
 
     Shapes:
         ``(B, in_channels, *spatial) -> (B, out_channels, *spatial)`` float.
@@ -102,10 +105,13 @@ class QuantizedLocalSelfAttention(nn.Module):
         output_scale: Optional[torch.Tensor] = None,
         output_shift: Optional[torch.Tensor] = None,
         relu: bool = False,
+        input_gain: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         out_channels = int(query.out_channels)
+        if input_gain is not None and tuple(input_gain.shape) != (int(query.in_channels),):
+            raise ValueError(f"input_gain must be ({int(query.in_channels)},), got {tuple(input_gain.shape)}")
         for label, tensor in (("output_scale", output_scale), ("output_shift", output_shift)):
             if tensor is not None and tuple(tensor.shape) != (out_channels,):
                 raise ValueError(f"{label} must be ({out_channels},), got {tuple(tensor.shape)}")
@@ -141,6 +147,11 @@ class QuantizedLocalSelfAttention(nn.Module):
         shift = output_shift.detach().float() if output_shift is not None else torch.zeros(out_channels)
         self.register_buffer("output_shift", shift.reshape(scale_shape).contiguous().clone())
         self.relu = bool(relu)
+        self.has_input_gain = input_gain is not None
+        gain = input_gain.detach().float() if input_gain is not None else torch.ones(self.in_channels)
+        self.register_buffer(
+            "input_gain", gain.reshape([1, self.in_channels] + [1] * spatial_dims).contiguous().clone()
+        )
 
     def relative_embedding(self) -> torch.Tensor:
         """``(K, out_channels)`` float: ``rel[n, c] = relative_tables[c, offset_index[n, axis(c)]]``."""
@@ -152,6 +163,8 @@ class QuantizedLocalSelfAttention(nn.Module):
         return torch.cat(parts, dim=1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_input_gain:
+            x = x * self.input_gain
         xq = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
         # FBGEMM's quantized conv works on channels-last input and would repack an NC[D]HW input once per
         # projection: repack it once here (a 1-byte-per-element copy) for all three.

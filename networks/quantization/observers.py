@@ -6,6 +6,8 @@
   7 bits (:data:`FBGEMM_SAFE_INPUT_BITS`) so that they never saturate its int16 pair sums on CPUs without VNNI.
 - Weights: per-output-channel symmetric qint8 (:func:`quantized_weight`).
 - Attention values: per-channel MinMax ranges, from which :func:`value_equalization` derives per-channel gains.
+- Attention inputs (optional): per-channel MinMax ranges, from which :func:`input_equalization` derives per-channel
+  gains that are undone in the projections' weights.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ __all__ = [
     "FBGEMM_SAFE_INPUT_BITS",
     "MAX_VALUE_GAIN",
     "ActivationRange",
+    "input_equalization",
     "quantized_weight",
     "value_channel_observer",
     "value_equalization",
@@ -66,6 +69,42 @@ def quantized_weight(weight: torch.Tensor) -> torch.Tensor:
 def value_channel_observer() -> PerChannelMinMaxObserver:
     """Observer of the per-channel ranges of an attention layer's values ``(B, C, *spatial)``."""
     return PerChannelMinMaxObserver(ch_axis=1, dtype=torch.quint8)
+
+
+def input_equalization(
+    observer: PerChannelMinMaxObserver, strength: float, reduce_range: bool
+) -> tuple[torch.Tensor, ActivationRange]:
+    """Per-channel gains ``g_c >= 1`` for the input of an attention layer's projections and the quantisation range of
+    the scaled input.
+
+    The three 1x1 projections read one per-tensor quantised input, on 7 bits for FBGEMM (``reduce_range``); input
+    channels whose range is far below the largest get few levels, and that was the largest INT8 error of most
+    trained SaDNN-seg layers (:mod:`networks.quantization.sensitivity`). Multiplying input channel ``c`` by ``g_c``
+    before quantisation and dividing column ``c`` of the projections' weights by ``g_c`` computes the same float
+    function. ``g_c = (max_c r_c / r_c) ** strength``: ``strength`` 1 gives every channel the full range but
+    shrinks its weight columns (per-output-channel weight quantisation then loses them), 0.5 splits the difference
+    between input and weight resolution (the square root of the range ratio, as in cross-layer equalisation).
+
+    Args:
+        observer: a :func:`value_channel_observer` that saw the layer's inputs ``(B, C, *spatial)``.
+        strength: exponent in ``(0, 1]``.
+        reduce_range: 7-bit range (inputs of FBGEMM's ops).
+
+    Returns:
+        gains of shape ``(C,)`` and the range of the scaled input.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"input equalisation strength must be in (0, 1], got {strength}")
+    low, high = observer.min_val, observer.max_val
+    magnitude = torch.maximum(low.abs(), high.abs())
+    peak = magnitude.max()
+    if not torch.isfinite(peak) or peak <= 0:
+        gain = torch.ones_like(magnitude)
+    else:
+        gain = (peak / magnitude.clamp_min(peak / MAX_VALUE_GAIN)).clamp(1.0, MAX_VALUE_GAIN) ** strength
+    scaled = ActivationRange(reduce_range=reduce_range)
+    scaled.observe(torch.stack([(low * gain).min(), (high * gain).max()]))
+    return gain, scaled
 
 
 def value_equalization(observer: PerChannelMinMaxObserver) -> tuple[torch.Tensor, ActivationRange]:

@@ -153,6 +153,7 @@ def quantize_int8(
     equalize_values: bool = True,
     quantize_grouped_convs: bool = False,
     fuse_epilogue: bool = True,
+    input_equalization: float = 0.0,
 ) -> nn.Module:
     """INT8 copy of a trained FP32 network, calibrated on ``calibration``.
 
@@ -181,6 +182,11 @@ def quantize_int8(
             (SaDNN's attention -> BN -> ReLU blocks) into the INT8 core's per-channel epilogue, replacing them by
             ``nn.Identity`` (listed in ``int8_summary["fused_epilogue"]``); with the channels-last core output this
             removed ~40 % of SaDNN-seg's INT8 time outside the attention core. Same maths up to float rounding.
+        input_equalization: strength in ``[0, 1]`` of the per-channel equalisation of each attention layer's input
+            before its per-tensor 7-bit quantisation (0: off, the default; see
+            :func:`~networks.quantization.observers.input_equalization`): input channel ``c`` is multiplied by
+            ``(max r / r_c) ** strength`` in the INT8 layer and the projections' weight columns are divided by it.
+            The SaDNN families use 0.5 (their recipe in :mod:`networks.registry`).
 
     Returns:
         the INT8 network in eval mode, on the CPU. Its attribute ``int8_summary`` lists what was quantised
@@ -194,10 +200,25 @@ def quantize_int8(
     targets = select_targets(work, keep_float, quantize_grouped_convs)
     if not targets.attention and not targets.leaves:
         raise ValueError(f"{type(model).__name__} has no Conv1d/2d/3d, Linear or LocalSelfAttention layer to quantise")
-    calibrated = calibrate(work, targets, calibration, reduce_range=reduce_range, equalize_values=equalize_values)
+    if not 0.0 <= input_equalization <= 1.0:
+        raise ValueError(f"input_equalization must be in [0, 1], got {input_equalization}")
+    calibrated = calibrate(
+        work,
+        targets,
+        calibration,
+        reduce_range=reduce_range,
+        equalize_values=equalize_values,
+        equalize_inputs=input_equalization > 0.0,
+    )
     with quantized_engine(backend):
         replacements, summary = convert_targets(
-            work, targets, calibrated, equalize_values=equalize_values, fuse_epilogue=fuse_epilogue
+            work,
+            targets,
+            calibrated,
+            equalize_values=equalize_values,
+            fuse_epilogue=fuse_epilogue,
+            input_equalization_strength=input_equalization,
+            reduce_range=reduce_range,
         )
     return pack_int8_network(
         work, replacements, summary, backend=backend, reduce_range=reduce_range, calibration_batches=calibrated.batches

@@ -242,6 +242,7 @@ def publish_trained(
             result["int8_agreement"] = agreement
             int8_meta = dict(app_meta)
             int8_meta["int8_agreement_on_calibration"] = agreement
+            int8_meta["int8_recipe"] = spec.int8.describe()
             int8_tmp = os.path.join(files.trained_dir, f".{files.filename('int8')}.{run_id}.staged")
             save_int8_artifact(qmodel, calibration[0], int8_tmp, metadata={"app": int8_meta})
             staged[files.publish_path("int8")] = int8_tmp
