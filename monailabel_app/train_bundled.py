@@ -163,21 +163,34 @@ def _infer_task(family: str, precision: str, work: Path, labels: dict[str, int])
     return cls(ServedModel(spec.served_name(precision), spec, files, precision, NetworkCache(), labels))
 
 
-def _slice_interval(comparison_map: Any, dice: float) -> dict[str, Any]:
-    """Bootstrap 95 % interval of a volume's Dice over its slices (the last axis), from the over/under map the
-    infer task returns (:mod:`monailabel_app.lib.comparison` values)."""
+def _per_slice(comparison_map: Any) -> np.ndarray:
+    """The over/under map the infer task returns (:mod:`monailabel_app.lib.comparison` values) as
+    ``(voxels of a slice, slices)``, slices along its last axis."""
+    values = np.asarray(comparison_map.detach().cpu() if isinstance(comparison_map, torch.Tensor) else comparison_map)
+    return values.reshape(-1, values.shape[-1])
+
+
+def _slice_interval(values: np.ndarray, dice: float) -> dict[str, Any]:
+    """Bootstrap 95 % interval over slices of a volume's Dice against its reference, from :func:`_per_slice`."""
     from monailabel_app.lib.comparison import AGREEMENT, OVER, UNDER
     from monailabel_app.lib.intervals import pooled_dice_interval
 
-    values = np.asarray(comparison_map.detach().cpu() if isinstance(comparison_map, torch.Tensor) else comparison_map)
-    values = values.reshape(-1, values.shape[-1])  # (voxels of a slice, slices)
-    counts = [(values == v).sum(axis=0) for v in (AGREEMENT, OVER, UNDER)]
-    interval = pooled_dice_interval(*counts)
-    if (
-        abs(interval["value"] - dice) > 1e-3
-    ):  # the same voxels as the task's own figure, or the map is not what we think
+    interval = pooled_dice_interval(*((values == v).sum(axis=0) for v in (AGREEMENT, OVER, UNDER)))
+    # the same voxels as the task's own figure, or the map is not what this function takes it for
+    if abs(interval["value"] - dice) > 1e-3:
         raise RuntimeError(f"per-slice counts give Dice {interval['value']}, the task reported {dice:.4f}")
     return interval
+
+
+def _twin_agreement(fp32_map: np.ndarray, int8_map: np.ndarray) -> dict[str, Any]:
+    """INT8 vs FP32 agreement Dice of the two predictions (foreground: agreement or over-segmentation in each map)
+    with its bootstrap 95 % interval over slices."""
+    from monailabel_app.lib.comparison import AGREEMENT, OVER
+    from monailabel_app.lib.intervals import pooled_dice_interval
+
+    a, b = np.isin(fp32_map, (AGREEMENT, OVER)), np.isin(int8_map, (AGREEMENT, OVER))
+    interval = pooled_dice_interval((a & b).sum(axis=0), (b & ~a).sum(axis=0), (a & ~b).sum(axis=0))
+    return {"dice": interval["value"], "dice_interval": [interval["low"], interval["high"]]}
 
 
 def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[str, Any]:
@@ -186,6 +199,7 @@ def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[
     spec = FAMILIES[family]
     store = _datastore(datastore_dir)
     result: dict[str, Any] = {}
+    maps: dict[tuple[str, str], np.ndarray] = {}
     for precision in ("fp32", "int8") if spec.int8 else ("fp32",):
         task = _infer_task(family, precision, work, {organ: i + 1 for i, organ in enumerate(spec.labels)})
         for image_id in sorted(store.get_labeled_images()):
@@ -200,7 +214,8 @@ def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[
                 }
             )
             figures = data["result"]["comparison"]
-            interval = _slice_interval(data["pred"], figures["dice"])
+            maps[image_id, precision] = _per_slice(data["pred"])
+            interval = _slice_interval(maps[image_id, precision], figures["dice"])
             result.setdefault(image_id, {})[precision] = {
                 "dice": round(figures["dice"], 4),
                 "dice_interval": [interval["low"], interval["high"]],
@@ -209,6 +224,9 @@ def evaluate_segmentation(family: str, work: Path, datastore_dir: Path) -> dict[
                 "reference_ml": round(figures["reference_ml"], 1),
                 "seconds": round(time.time() - start, 2),
             }
+    for image_id, figures in result.items():
+        if "int8" in figures:
+            figures["int8"]["agreement_with_fp32"] = _twin_agreement(maps[image_id, "fp32"], maps[image_id, "int8"])
     return result
 
 
@@ -225,6 +243,7 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
     files = ModelFiles(family, str(work / "no_bundled_weights"), str(work / "models"))
     store = _datastore(datastore_dir)
     result: dict[str, Any] = {}
+    decided: dict[tuple[str, str], torch.Tensor] = {}
     for precision in ("fp32", "int8"):
         network, meta = load_network(files.current(precision), precision)
         prep = Preprocessing.from_dict(meta["preprocess"])
@@ -237,6 +256,7 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
             with torch.no_grad():
                 decisions = torch.sigmoid(network(image.float())) >= 0.5  # (slices, classes)
             targets = torch.as_tensor(d["label"]).T.bool()
+            decided[image_id, precision] = decisions
             per_slice = [(decisions & targets).sum(1), (decisions & ~targets).sum(1), (~decisions & targets).sum(1)]
             tp, fp, fn = (int(c.sum()) for c in per_slice)
             interval = pooled_dice_interval(*(c.numpy() for c in per_slice))
@@ -252,6 +272,9 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
                 "per_class_f1": per_class,
                 "slices": int(image.shape[0]),
             }
+    for image_id, figures in result.items():  # INT8 vs FP32: the share of equal presence decisions
+        same = decided[image_id, "fp32"] == decided[image_id, "int8"]
+        figures["int8"]["agreement_with_fp32"] = {"decisions": round(float(same.float().mean()), 4)}
     return result
 
 
