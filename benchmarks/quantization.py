@@ -10,7 +10,8 @@ In one process with ``torch.set_num_threads(2)`` it measures, per network, the m
 - ``fp32_fused_script``: the FP32 "best path" artifact (fused FP32 attention kernel, TorchScript);
 - ``fp32_compile``: ``torch.compile`` of the FP32 network (first call = compilation, reported separately); by default
   only for networks without local self-attention and not with ``--quick`` (see ``COMPILE_NOTE``);
-- ``int8``: the INT8 TorchScript artifact (quantised projections/convs, fused INT8 attention core);
+- ``int8``: the INT8 TorchScript artifact (quantised projections/convs, fused INT8 attention core), quantised with
+  the family's shipped recipe (``int8.quantize_options`` of its registry entry, reported as ``int8_quantize_options``);
 
 ``fp32_best`` is the fastest FP32 path measured in the run (eager, the fused artifact, torch.compile where run), so it
 is never slower than eager. Candidates are timed interleaved (one call of each per round, rotating the order) so load
@@ -77,6 +78,7 @@ class Spec:
     factory_kwargs: dict
     input_shape: tuple[int, ...]
     agreement_config: str  # sample_models.trained_models.CONFIGS entry used for agreement
+    quantize_options: dict  # the family's shipped INT8 recipe (registry int8.quantize_options): what the app serves
 
 
 def _spec(key: str, family: str, variant: str, batch: int, agreement_config: str, size_of: str | None = None) -> Spec:
@@ -87,7 +89,8 @@ def _spec(key: str, family: str, variant: str, batch: int, agreement_config: str
     shape = network.input_shape
     if size_of is not None:
         shape = (shape[0], *getattr(entry, size_of).input_shape[1:])
-    return Spec(key, network.factory_name, dict(network.factory_kwargs), (batch, *shape), agreement_config)
+    options = dict(entry.int8.quantize_options) if entry.int8 is not None else {}
+    return Spec(key, network.factory_name, dict(network.factory_kwargs), (batch, *shape), agreement_config, options)
 
 
 # The networks and input sizes come from networks/registry.py; batches and result keys are the benchmark's own.
@@ -149,9 +152,10 @@ def interleaved_medians(candidates: dict[str, Callable[[], Any]], repeats: int) 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def agreement_on_trained(config_name: str, workdir: Path) -> dict[str, Any]:
-    """Train (or load cached) the small network, quantise it on training slices, save + load the INT8 artifact, and
-    compare the artifact with the FP32 network on the held-out slices."""
+def agreement_on_trained(config_name: str, workdir: Path, quantize_options: dict | None = None) -> dict[str, Any]:
+    """Train (or load cached) the small network, quantise it on training slices (with ``quantize_options``, the
+    family's recipe), save + load the INT8 artifact, and compare the artifact with the FP32 network on the held-out
+    slices."""
     from networks.quantization import load_int8_artifact, prediction_agreement, quantize_int8, save_int8_artifact
     from sample_models import data_for, trained_model
 
@@ -160,7 +164,7 @@ def agreement_on_trained(config_name: str, workdir: Path) -> dict[str, Any]:
     data = data_for(config)
     train_images, _, _ = data.split("train")
     held_out, liver, organs = data.split("held_out")
-    int8 = quantize_int8(model, list(train_images.split(8)))
+    int8 = quantize_int8(model, list(train_images.split(8)), **(quantize_options or {}))
     path = save_int8_artifact(int8, train_images[:2], workdir / f"{config_name}_int8.pt")
     artifact = load_int8_artifact(path)
     result = prediction_agreement(model, artifact, list(held_out.split(8)))
@@ -224,7 +228,7 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
     calibration = [real_batch((2, *spec.input_shape[1:]), offset=10 * i + 3) for i in range(2)]
 
     start = time.perf_counter()
-    int8 = quantize_int8(model, calibration)
+    int8 = quantize_int8(model, calibration, **spec.quantize_options)
     int8_path = save_int8_artifact(int8, calibration[0][:1], workdir / f"{spec.key}_int8.pt")
     fp32_path = save_fp32_artifact(model, calibration[0][:1], workdir / f"{spec.key}_fp32_fused.pt")
     state_bytes = state_dict_size_bytes(model, workdir / f"{spec.key}_fp32_state_dict.pt")
@@ -238,6 +242,9 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
         "int8": lambda: int8_artifact(x),
     }
     result: dict[str, Any] = {"model": spec.factory_name, "input_shape": list(spec.input_shape)}
+    result["int8_quantize_options"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in spec.quantize_options.items()
+    }
     from networks.blocks.local_self_attention import LocalSelfAttention
 
     has_attention = any(isinstance(m, LocalSelfAttention) for m in model.modules())
@@ -282,7 +289,7 @@ def bench_model(spec: Spec, repeats: int, compile_mode: str, workdir: Path) -> d
         reference, quantised = model(x[:2]), int8_artifact(x[:2])
     result["timed_network_max_abs_logit_diff"] = float((reference - quantised).abs().max())
     log(f"{spec.key}: agreement on trained weights ({spec.agreement_config})")
-    result.update(agreement_on_trained(spec.agreement_config, workdir))
+    result.update(agreement_on_trained(spec.agreement_config, workdir, spec.quantize_options))
     if spec.key == "sadnn_seg":
         targets = dict(TARGETS)
         if isa_report()["isa"] == "avx512_vnni":  # VNNI's exact 4-way u8 x s8 dot products: the stricter target
