@@ -111,9 +111,14 @@ def test_connect_lists_models_with_formatted_cards(server: ServerHandle, info: d
             card.precision.upper(),
             f"{formatting.format_count(raw['params'])} params",
             formatting.format_bytes(size),
-            f"{formatting.format_energy(energy)}/pass" + ("  (default)" if card.default else ""),
+            f"{formatting.format_energy(energy)}/pass"
+            + ("  (experimental)" if card.experimental else "")
+            + ("  (default)" if card.default else ""),
         ]
         assert ("(INT8 " in formatting.model_card_text(card)) == (raw["int8_size_bytes"] is not None)
+        # the measured held-out quality travels from the server's bundled figures to the card text
+        assert card.experimental == info["models"][card.name]["experimental"]
+        assert bool(formatting.quality_lines(card)) == (info["models"][card.name].get("quality") is not None)
     # INT8 is the smaller and cheaper twin
     assert seg[SEG_INT8].size_bytes < seg[SEG_FP32].size_bytes and seg[SEG_INT8].energy_j < seg[SEG_FP32].energy_j
     # classifiers: explanation methods from /info/, RISE when the app lists none

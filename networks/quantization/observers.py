@@ -95,16 +95,7 @@ def input_equalization(
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"input equalisation strength must be in (0, 1], got {strength}")
-    low, high = observer.min_val, observer.max_val
-    magnitude = torch.maximum(low.abs(), high.abs())
-    peak = magnitude.max()
-    if not torch.isfinite(peak) or peak <= 0:
-        gain = torch.ones_like(magnitude)
-    else:
-        gain = (peak / magnitude.clamp_min(peak / MAX_VALUE_GAIN)).clamp(1.0, MAX_VALUE_GAIN) ** strength
-    scaled = ActivationRange(reduce_range=reduce_range)
-    scaled.observe(torch.stack([(low * gain).min(), (high * gain).max()]))
-    return gain, scaled
+    return _channel_gains(observer, strength, reduce_range)
 
 
 def value_equalization(observer: PerChannelMinMaxObserver) -> tuple[torch.Tensor, ActivationRange]:
@@ -122,13 +113,21 @@ def value_equalization(observer: PerChannelMinMaxObserver) -> tuple[torch.Tensor
     Returns:
         gains of shape ``(C,)`` and the 8-bit range of the equalised values.
     """
+    return _channel_gains(observer, 1.0, reduce_range=False)  # values feed our INT8 core only: all 8 bits
+
+
+def _channel_gains(
+    observer: PerChannelMinMaxObserver, strength: float, reduce_range: bool
+) -> tuple[torch.Tensor, ActivationRange]:
+    """``g_c = (max_c r_c / r_c) ** strength`` (capped at :data:`MAX_VALUE_GAIN`; ones for an empty or
+    non-finite range) and the per-tensor range of the scaled channels."""
     low, high = observer.min_val, observer.max_val
     magnitude = torch.maximum(low.abs(), high.abs())
     peak = magnitude.max()
     if not torch.isfinite(peak) or peak <= 0:
         gain = torch.ones_like(magnitude)
     else:
-        gain = (peak / magnitude.clamp_min(peak / MAX_VALUE_GAIN)).clamp(1.0, MAX_VALUE_GAIN)
-    equalized = ActivationRange(reduce_range=False)  # values feed our INT8 core only: all 8 bits
-    equalized.observe(torch.stack([(low * gain).min(), (high * gain).max()]))
-    return gain, equalized
+        gain = (peak / magnitude.clamp_min(peak / MAX_VALUE_GAIN)).clamp(1.0, MAX_VALUE_GAIN) ** strength
+    scaled = ActivationRange(reduce_range=reduce_range)
+    scaled.observe(torch.stack([(low * gain).min(), (high * gain).max()]))
+    return gain, scaled
