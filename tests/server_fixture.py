@@ -18,6 +18,8 @@ into a test module):
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,6 +48,7 @@ __all__ = [
     "sample_studies",
     "monailabel_server",
     "sample_server_fixture",
+    "app_copy_with_held_out_dice",
 ]
 
 
@@ -67,16 +70,38 @@ def monailabel_server(sample_studies: Path, tmp_path_factory: pytest.TempPathFac
         handle.stop()
 
 
+def app_copy_with_held_out_dice(target: Path, held_out_dice: dict[str, float]) -> Path:
+    """A copy of the app folder in ``target`` (the bundled weights linked, not copied) whose ``bundled_weights.json``
+    states ``held_out_dice[family]`` as every held-out Dice of those segmentation families: how the server treats a
+    model measured below its quality floor, seen over HTTP, while the shipped models all meet theirs."""
+    app = Path(target) / "monailabel_app"
+    ignore = shutil.ignore_patterns("*.pt", "__pycache__", "logs", "bundled_weights.json")
+    shutil.copytree(APP_DIR, app, ignore=ignore)
+    for weights in (APP_DIR / "model").glob("*.pt"):
+        (app / "model" / weights.name).symlink_to(weights)
+    report = json.loads((APP_DIR / "model" / "bundled_weights.json").read_text())
+    for family, dice in held_out_dice.items():
+        for image in report["families"][family]["held_out"].values():
+            for figures in image.values():
+                figures["dice"], figures["dice_interval"] = dice, [dice - 0.02, dice + 0.02]
+    (app / "model" / "bundled_weights.json").write_text(json.dumps(report, indent=2))
+    return app
+
+
 def start_sample_server(
-    tmp_path_factory: pytest.TempPathFactory, images: Sequence[str] | None = None, conf: dict[str, str] | None = None
+    tmp_path_factory: pytest.TempPathFactory,
+    images: Sequence[str] | None = None,
+    conf: dict[str, str] | None = None,
+    app_dir: Path = APP_DIR,
 ) -> ServerHandle:
-    """A server (use it as a context manager) over a fresh copy of the sample datastore (``images``), with
-    ``--conf models all`` unless ``conf`` says otherwise and a fresh ``model_dir`` (``handle.model_dir``) for what
-    training publishes, so tests never touch the bundled weights."""
+    """A server (use it as a context manager) of the app in ``app_dir`` over a fresh copy of the sample datastore
+    (``images``), with ``--conf models all`` unless ``conf`` says otherwise and a fresh ``model_dir``
+    (``handle.model_dir``) for what training publishes, so tests never touch the bundled weights."""
     studies = copy_sample_datastore(tmp_path_factory.mktemp("studies"), images=images)
     model_dir = tmp_path_factory.mktemp("trained")
     log = tmp_path_factory.mktemp("log") / "server.log"
-    handle = start_server(studies, {"models": "all", "model_dir": str(model_dir), **(conf or {})}, log_path=log)
+    conf = {"models": "all", "model_dir": str(model_dir), **(conf or {})}
+    handle = start_server(studies, conf, app_dir=app_dir, log_path=log)
     handle.model_dir = model_dir
     return handle
 

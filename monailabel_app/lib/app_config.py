@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monailabel_app.lib.serving import SERVING_CONF_HELP
-from networks.registry import SERVED_MODELS, LiveMapping
+from networks.registry import FAMILIES, SERVED_MODELS, LiveMapping
 
 __all__ = ["AppConfig", "parse_labels", "default_model_dir", "MODEL_NAMES", "FAMILY_OF", "CONF_HELP"]
 
@@ -23,7 +23,8 @@ FAMILY_OF: Mapping[str, str] = LiveMapping(lambda: {name: family for name, (fami
 
 CONF_HELP = {
     "models": "'default' (every model whose bundled weights meet their quality floor, lib/quality.py), 'all' (also "
-    "those below it, marked experimental in /info) or a comma list of families ("
+    "those below it, marked experimental in /info, and families shipped without weights, to be trained on the "
+    "server) or a comma list of families ("
     + ", ".join(dict.fromkeys(FAMILY_OF.values()))
     + ") and/or model names ("
     + ", ".join(MODEL_NAMES)
@@ -159,7 +160,8 @@ class AppConfig:
                         f"not serving {sorted(experimental)} by default: their bundled weights measured below the "
                         "quality floor (--conf models all serves them, marked experimental)"
                     )
-                names = [n for n in MODEL_NAMES if FAMILY_OF[n] not in experimental]
+                unshipped = {f for f in families if not FAMILIES[f].bundled}
+                names = [n for n in MODEL_NAMES if FAMILY_OF[n] not in experimental | unshipped]
             elif item == "all":
                 names = list(MODEL_NAMES)
             elif item in MODEL_NAMES:
