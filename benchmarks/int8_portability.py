@@ -40,7 +40,7 @@ import torch.ao.nn.quantized as nnq  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from networks.registry import get_family, list_families  # noqa: E402
+from networks.registry import family_list, get_family, list_families  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = REPO_ROOT / "monailabel_app" / "model"
@@ -135,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     from networks.isa import cpu_best_isa, fbgemm_saturates, requested_isa
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
+    parser.add_argument(
+        "--families",
+        type=family_list(FAMILIES),
+        default=",".join(FAMILIES),
+        help="comma list of " + ", ".join(FAMILIES),
+    )
     parser.add_argument("--slices", type=int, default=32, help="calibration and held-out slices per family")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        parser.error(f"unknown families {unknown}")
+    families = args.families
     torch.set_num_threads(2)
     results: dict[str, Any] = {}
     for family in families:

@@ -27,7 +27,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.int8_portability import HELD_OUT_IMAGE, TRAIN_IMAGES, slices_of  # noqa: E402
-from networks.registry import get_family, list_families  # noqa: E402
+from networks.registry import family_list, get_family, list_families  # noqa: E402
 
 FAMILIES = tuple(family.family for family in list_families() if family.int8 is not None)
 
@@ -54,14 +54,16 @@ def measure_family(family: str, n_slices: int, images: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="sadnn_seg,sadnn_cls", help="comma list of " + ", ".join(FAMILIES))
+    parser.add_argument(
+        "--families",
+        type=family_list(FAMILIES),
+        default="sadnn_seg,sadnn_cls",
+        help="comma list of " + ", ".join(FAMILIES),
+    )
     parser.add_argument("--slices", type=int, default=32, help="calibration (and measured) slices per family")
     parser.add_argument("--images", choices=("calibration", "held_out"), default="calibration")
     args = parser.parse_args(argv)
-    families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        parser.error(f"unknown families {unknown}")
+    families = args.families
     torch.set_num_threads(2)
     results = {family: measure_family(family, args.slices, args.images) for family in families}
     print(json.dumps(results))

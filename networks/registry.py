@@ -30,9 +30,10 @@ must not depend on the app); the explanation names are request names the app che
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +49,7 @@ __all__ = [
     "unregister_family",
     "get_family",
     "list_families",
+    "family_list",
     "served_model_names",
     "default_model_order",
     "card_variants",
@@ -275,6 +277,21 @@ def get_family(name: str) -> ModelFamily:
 def list_families(task: str | None = None) -> list[ModelFamily]:
     """Registered families in registration order, optionally of one ``task``."""
     return [f for f in _FAMILIES.values() if task is None or f.task == task]
+
+
+def family_list(allowed: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for ``--families a,b``: the comma list as family names, each one of ``allowed`` (command
+    lines of make weights and the benchmarks)."""
+    choices = tuple(allowed)
+
+    def parse(text: str) -> list[str]:
+        families = [f.strip() for f in text.split(",") if f.strip()]
+        unknown = sorted(set(families) - set(choices))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown families {unknown}; choose from {list(choices)}")
+        return families
+
+    return parse
 
 
 def served_model_names() -> dict[str, tuple[str, str]]:

@@ -436,3 +436,14 @@ def test_registry_rejects_inconsistent_entries():
         get_family("no_such_family")
     with pytest.raises(ValueError, match="not served at"):
         get_family("sadnn_seg3d").served_name("int8")
+
+
+def test_family_lists_on_command_lines_name_only_known_families():
+    import argparse
+
+    from networks.registry import family_list
+
+    parse = family_list(["sadnn_seg", "unet_seg"])
+    assert parse("sadnn_seg, unet_seg,") == ["sadnn_seg", "unet_seg"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown families \['nope'\]"):
+        parse("sadnn_seg,nope")
