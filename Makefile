@@ -33,10 +33,19 @@ serve-pacs: data
 	PATH="$(CURDIR)/.venv/bin:$$PATH" MONAILABEL_PYEXE="$(CURDIR)/$(PY)" .venv/bin/monailabel start_server \
 		--app monailabel_app --studies "$$(cat $$ready)" --host $(HOST) --port $(PORT)
 
-# retrain the weights bundled in monailabel_app/model (fixed seeds; writes bundled_weights.json with held-out Dice)
+# retrain the weights bundled in monailabel_app/model (fixed seeds; writes bundled_weights.json with held-out Dice),
+# then each recipe's leave-one-volume-out figures (trained on all labelled volumes but one, evaluated on that one)
 .PHONY: weights
 weights: data
 	$(PY) -m monailabel_app.train_bundled
+	$(PY) -m monailabel_app.train_bundled --leave-one-out
+
+# choose SaDNN-seg's training recipe on a validation split of the training volumes (the held-out CT is never seen),
+# recorded in bundled_weights.json; the choice is then copied into networks/registry.py (a test checks they agree)
+.PHONY: select-recipe
+select-recipe: data
+	$(PY) -m monailabel_app.select_recipe --family sadnn_seg \
+		--candidate max_epochs=300 --candidate max_epochs=600
 
 # OpenMP threads sleep rather than spin while waiting: on a shared, loaded machine spinning threads that wait for a
 # descheduled peer made the suite up to 5x slower

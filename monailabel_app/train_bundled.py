@@ -25,6 +25,13 @@ A run of some families (``--families hct_cls,scopeformer_cls,patchconvnet_cls``)
 their entries in ``bundled_weights.json``. ``--requantize`` trains nothing: it re-quantises the bundled FP32 weights
 (INT8 families) the way a training run ends and re-evaluates them (``make requantize``), e.g. after a change of
 the INT8 recipe.
+
+``--leave-one-out`` trains nothing that is bundled: for each family it trains the recipe on all labelled volumes but
+one (:data:`LABELLED_VOLUMES`: two CTs of different patients, ``example_ct`` native-phase by TotalSegmentator's own
+phase prediction with its liver at a median 46 HU, ``example_ct_dicom`` contrast-enhanced at 93 HU, and one MR) and
+evaluates on that one, and records each fold and the range under ``leave_one_volume_out`` (the fold holding out
+``example_ct_dicom`` is the bundled model). The figures stay in ``bundled_weights.json`` while the family's train
+request and INT8 recipe do. ``make weights`` runs both. How a recipe is chosen: :mod:`monailabel_app.select_recipe`.
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ if str(REPO_ROOT) not in sys.path:
 
 from monailabel_app.lib.model_store import ModelFiles, NetworkCache, file_version  # noqa: E402
 from networks.isa import cpu_best_isa  # noqa: E402
-from networks.registry import FAMILIES, Int8Recipe, ModelFamily  # noqa: E402
+from networks.registry import FAMILIES, Int8Recipe, ModelFamily, family_list  # noqa: E402
 
 logger = logging.getLogger("train_bundled")
 
 TRAIN_IMAGES = ("example_ct", "example_mr_sm")
 HELD_OUT_IMAGES = ("example_ct_dicom",)
+# every distinct labelled volume the registries reach (sample_data); the folds of --leave-one-out
+LABELLED_VOLUMES = (*TRAIN_IMAGES, *HELD_OUT_IMAGES)
 
 
 QUICK_EPOCHS = 2
@@ -66,14 +75,31 @@ def _datastore(path: Path):
     return LocalDatastore(str(path), extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)
 
 
-def build_datastores(work: Path, organs: tuple[str, ...]) -> tuple[Path, Path]:
-    """(training datastore, held-out datastore) for ``organs`` under ``work``."""
+def build_datastores(
+    work: Path,
+    organs: tuple[str, ...],
+    train_images: tuple[str, ...] = TRAIN_IMAGES,
+    held_out_images: tuple[str, ...] = HELD_OUT_IMAGES,
+) -> tuple[Path, Path]:
+    """(training datastore, held-out datastore) for ``organs`` under ``work``. The train task trains on every image
+    of the training datastore: its notes' ``training`` roles (which leave ``example_ct_dicom`` out of training in
+    the sample datastore, :mod:`monailabel_app.lib.trainers.datalist`) are replaced, so a leave-one-volume-out fold
+    trains on the volumes it says."""
     from sample_data import build_datastore
+    from sample_data.datastore import NOTES_FILENAME
 
     name = "_".join(organs)
-    train = build_datastore(organs, work / f"train_{name}", image_ids=TRAIN_IMAGES).path
-    held = build_datastore(organs, work / f"heldout_{name}", image_ids=HELD_OUT_IMAGES).path
-    return Path(train), Path(held)
+    train = Path(build_datastore(organs, work / f"train_{name}", image_ids=train_images).path)
+    held = Path(build_datastore(organs, work / f"heldout_{name}", image_ids=held_out_images).path)
+    notes = json.loads((train / NOTES_FILENAME).read_text())
+    notes["training"] = {
+        "exclude": {},
+        "validate_on": [],
+        "derived_from": {},
+        "note": f"train_bundled: trained on every image here ({', '.join(train_images)}); held out elsewhere",
+    }
+    write_report(train / NOTES_FILENAME, notes)
+    return train, held
 
 
 def train_request(family: ModelFamily, seed: int) -> dict[str, Any]:
@@ -92,12 +118,16 @@ def train_request(family: ModelFamily, seed: int) -> dict[str, Any]:
     }
 
 
-def train_family(family: ModelFamily, work: Path, quick: bool, seed: int) -> dict[str, Any]:
-    """Train one family with the app's train task; returns the task's stats (with ``published``)."""
+def train_family(
+    family: ModelFamily, work: Path, quick: bool, seed: int, train_images: tuple[str, ...] = TRAIN_IMAGES
+) -> dict[str, Any]:
+    """Train one family with the app's train task on ``train_images``; returns the task's stats (with
+    ``published``)."""
     from monailabel_app.lib.trainers.classification import ClassificationTrain
     from monailabel_app.lib.trainers.segmentation import SegmentationTrain
 
-    train_dir, _ = build_datastores(work, family.labels)
+    held_out = tuple(i for i in LABELLED_VOLUMES if i not in train_images)
+    train_dir, _ = build_datastores(work, family.labels, train_images, held_out)
     files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
     labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
     task_type = ClassificationTrain if family.task == "classification" else SegmentationTrain
@@ -278,6 +308,75 @@ def evaluate_classification(family: str, work: Path, datastore_dir: Path, organs
     return result
 
 
+def evaluate(family: str, work: Path, datastore_dir: Path) -> dict[str, Any]:
+    """Held-out figures of ``family``'s models published under ``work`` on every image of ``datastore_dir``."""
+    registered = FAMILIES[family]
+    if registered.task == "classification":
+        return evaluate_classification(family, work, datastore_dir, registered.labels)
+    return evaluate_segmentation(family, work, datastore_dir)
+
+
+def _same_request(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two train requests are the same recipe (compared as the JSON they are recorded as)."""
+    return a is not None and b is not None and json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def leave_one_volume_out(
+    family: ModelFamily, work: Path, seed: int, bundled_entry: dict[str, Any] | None = None, quick: bool = False
+) -> dict[str, Any]:
+    """Leave-one-volume-out figures of ``family``'s recipe: for each of :data:`LABELLED_VOLUMES`, train on the
+    others with the bundled recipe and evaluate on it (FP32, INT8, INT8 vs FP32 agreement), then their range.
+
+    The fold that holds out :data:`HELD_OUT_IMAGES` is the bundled model itself: its figures are taken from
+    ``bundled_entry`` (its ``bundled_weights.json`` entry) when that was trained with the same request, otherwise
+    it is trained like the others. Nothing here is published or bundled."""
+    request = train_request(family, seed)
+    if quick:
+        request["max_epochs"] = QUICK_EPOCHS
+    metric = "dice" if family.task == "segmentation" else "f1"
+    folds: dict[str, Any] = {}
+    for held in LABELLED_VOLUMES:
+        train_images = tuple(v for v in LABELLED_VOLUMES if v != held)
+        bundled_figures = ((bundled_entry or {}).get("held_out") or {}).get(held)
+        if (held,) == HELD_OUT_IMAGES and bundled_figures and _same_request(bundled_entry.get("request"), request):
+            figures, seconds, source = bundled_figures, bundled_entry.get("train_seconds"), "the bundled model"
+        else:
+            logger.info(f"--- {family.family}: training on {train_images}, holding out {held} ---")
+            fold_work = work / "leave_one_out" / family.family / held
+            shutil.rmtree(fold_work / "models", ignore_errors=True)
+            stats = train_family(family, fold_work, quick, seed, train_images)
+            _, held_dir = build_datastores(fold_work, family.labels, train_images, (held,))
+            figures, seconds, source = (
+                evaluate(family.family, fold_work, held_dir)[held],
+                stats["train_seconds"],
+                "trained",
+            )
+        folds[held] = {"trained_on": list(train_images), "model": source, "train_seconds": seconds, **figures}
+    summary = {}
+    for precision in ("fp32", "int8") if family.int8 else ("fp32",):
+        values = [float(fold[precision][metric]) for fold in folds.values()]
+        summary[precision] = {"min": min(values), "max": max(values), "mean": round(float(np.mean(values)), 4)}
+    int8_recipe = family.int8.describe() if family.int8 else None
+    return {"request": request, "int8_recipe": int8_recipe, "metric": metric, "folds": folds, "summary": summary}
+
+
+def _keeps_leave_one_out(previous_entry: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether ``previous_entry``'s leave-one-volume-out figures still describe ``entry``'s recipe (same train
+    request and INT8 recipe): they describe a recipe, not one set of weights."""
+    figures = previous_entry.get("leave_one_volume_out")
+    return (
+        bool(figures)
+        and _same_request(figures.get("request"), entry.get("request"))
+        and (figures.get("int8_recipe") == entry.get("int8_recipe"))
+    )
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def publish_bundle(work: Path, out: Path, families: list[str]) -> dict[str, Any]:
     """Copy the trained files into ``out`` (temp file, then rename) and return their versions."""
     out.mkdir(parents=True, exist_ok=True)
@@ -303,10 +402,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "model"), help="bundled weights folder")
     parser.add_argument("--work", default=str(REPO_ROOT / "runs" / "bundled"), help="scratch folder")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of " + ", ".join(FAMILIES))
+    shipped = [f for f, spec in FAMILIES.items() if spec.bundled]
+    parser.add_argument(
+        "--families",
+        type=family_list(FAMILIES),
+        default=",".join(shipped),
+        help="comma list of " + ", ".join(FAMILIES) + " (default: the shipped)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs per family (a smoke test)")
+    parser.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="do not touch the bundled weights: add each family's leave-one-volume-out figures (its recipe trained "
+        "on all labelled volumes but one, evaluated on that one) to bundled_weights.json",
+    )
     parser.add_argument(
         "--requantize",
         action="store_true",
@@ -315,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    families = args.families
     if args.requantize:
         families = [f for f in families if FAMILIES[f].int8]
     work = Path(args.work).resolve()
@@ -328,8 +436,25 @@ def main(argv: list[str] | None = None) -> int:
     notes = Path(args.out).resolve() / "bundled_weights.json"
     previous_report = json.loads(notes.read_text()) if notes.exists() else {}
 
+    command = "python -m monailabel_app.train_bundled " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.leave_one_out:
+        if not previous_report:
+            parser.error(f"--leave-one-out adds to {notes}, which does not exist: run make weights first")
+        for family in families:
+            entry = previous_report["families"].get(family, {})
+            figures = leave_one_volume_out(FAMILIES[family], work, args.seed, entry, args.quick)
+            report = json.loads(notes.read_text())  # read again: another run may have written meanwhile
+            report["families"].setdefault(family, {})["leave_one_volume_out"] = {
+                "command": command,
+                "threads": args.threads,
+                **figures,
+            }
+            write_report(notes, report)  # after each family: a long run keeps what it finished
+            logger.info(f"{family}: leave-one-volume-out {json.dumps(figures['summary'])}")
+        return 0
+
     report: dict[str, Any] = {
-        "command": "python -m monailabel_app.train_bundled " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "seed": args.seed,
         "threads": args.threads,
         "quick": args.quick,
@@ -349,14 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger.info(f"=== training {family} on {TRAIN_IMAGES} ({registered.labels}) ===")
             stats = train_family(registered, work, args.quick, args.seed)
-        _, held_dir = build_datastores(work, registered.labels)
-        train_dir, _ = build_datastores(work, registered.labels)
-        if registered.task == "classification":
-            held_out = evaluate_classification(family, work, held_dir, registered.labels)
-            training = evaluate_classification(family, work, train_dir, registered.labels)
-        else:
-            held_out = evaluate_segmentation(family, work, held_dir)
-            training = evaluate_segmentation(family, work, train_dir)
+        train_dir, held_dir = build_datastores(work, registered.labels)
+        held_out, training = evaluate(family, work, held_dir), evaluate(family, work, train_dir)
         entry = {
             # per family: a run of some families keeps the others' entries (merged below) and their own commands
             "command": report["command"],
@@ -370,12 +489,16 @@ def main(argv: list[str] | None = None) -> int:
             "held_out": held_out,
             "training_images": training,
         }
+        previous_entry = previous_report.get("families", {}).get(family, {})
         if args.requantize:  # the training facts stay those of the run that made the FP32 weights
-            trained = previous_report.get("families", {}).get(family, {})
             entry.update(
-                {key: trained.get(key) for key in ("command", "request", "train_seconds", "final_train_metric")}
+                {key: previous_entry.get(key) for key in ("command", "request", "train_seconds", "final_train_metric")}
             )
             entry["requantized"] = {"command": report["command"], "machine_isa": cpu_best_isa()}
+        if _keeps_leave_one_out(previous_entry, entry):
+            entry["leave_one_volume_out"] = previous_entry["leave_one_volume_out"]
+        if "recipe_selection" in previous_entry:  # how the recipe was chosen (python -m monailabel_app.select_recipe)
+            entry["recipe_selection"] = previous_entry["recipe_selection"]
         report["families"][family] = entry
         logger.info(f"{family}: held-out {json.dumps(held_out)}")
     report["files"] = publish_bundle(work, Path(args.out).resolve(), families)
@@ -387,9 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         merged_files = dict(previous.get("files", {}))
         merged_files.update(report["files"])
         report["families"], report["files"] = merged_families, merged_files
-    tmp = notes.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, notes)
+    write_report(notes, report)
     print(json.dumps({f: v["held_out"] for f, v in report["families"].items()}, indent=2))
     return 0
 

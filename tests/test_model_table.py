@@ -27,3 +27,5 @@ def test_every_row_says_whether_it_is_served_as_the_floor_decides():
         family, served = row[0].strip("| "), row[-1]
         assert served.startswith("no") == below_floor(family, BUNDLED_DIR), row
         assert re.match(r"\d\.\d{3}", row[2]), row  # a measured FP32 figure in every row
+        # and the recipe's leave-one-volume-out range, its worst and best held-out volume named
+        assert re.fullmatch(r"\d\.\d{3} \(\w+\)-\d\.\d{3} \(\w+\), 3 folds", row[5]), row

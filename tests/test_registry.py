@@ -271,7 +271,7 @@ def test_no_other_module_hard_codes_family_facts():
 _OLD_DEFINITIONS = """
 MODEL_SPECS = {"unet": ModelSpec("unet_seg", "segmentation", "unet_baseline", {"features": (8, 16, 32, 64, 128, 8)})}
 spec = ModelSpec("sadnn_seg3d", "segmentation", "sadnn_seg_small", {"spatial_dims": 3, "features": (4, 8, 16, 32, 32)})
-recipe = Recipe("sadnn_seg", ("liver",), {"max_epochs": 300, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5})
+recipe = Recipe("sadnn_seg", ("liver",), {"max_epochs": 600, "num_samples": 6, "learning_rate": 2e-3, "pos_ratio": 0.5})
 order = ("sadnn_seg_int8", "sadnn_seg_fp32", "unet_seg_int8", "unet_seg_fp32", "sadnn_seg3d_fp32")
 volume = Preprocessing(spacing=(6.0, 6.0, 6.0), roi_size=(64, 64, 64), features=[8, 16, 32, 64, 128, 8])
 int8_families = ("sadnn_seg", "sadnn_cls", "unet_seg", "hct_cls", "scopeformer_cls", "patchconvnet_cls")
