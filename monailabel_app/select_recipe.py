@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from monailabel_app.train_bundled import (  # noqa: E402
     TRAIN_IMAGES,
     build_datastores,
     evaluate,
+    run_train_task,
     train_request,
     write_report,
 )
@@ -135,20 +135,9 @@ def split_datastores(work: Path, organs: tuple[str, ...]) -> tuple[Path, Path, d
 
 
 def _train_candidate(family: ModelFamily, fit: Path, work: Path, request: dict[str, Any]) -> dict[str, Any]:
-    from monailabel.datastore.local import LocalDatastore
-
-    from monailabel_app.lib.model_store import ModelFiles
-    from monailabel_app.lib.trainers.classification import ClassificationTrain
-    from monailabel_app.lib.trainers.segmentation import SegmentationTrain
-
     shutil.rmtree(work / "models", ignore_errors=True)
-    files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
-    labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
-    task = (ClassificationTrain if family.task == "classification" else SegmentationTrain)(family, files, labels)
-    start = time.time()
-    store = LocalDatastore(str(fit), extensions=("*.nii.gz",), auto_reload=False)
-    stats = task(dict(request), store)
-    return {"train_seconds": round(time.time() - start, 1), "final_train_metric": stats.get("best_metric")}
+    stats = run_train_task(family, work, request, fit)
+    return {"train_seconds": stats["train_seconds"], "final_train_metric": stats.get("best_metric")}
 
 
 def choose(candidates: list[dict[str, Any]], metric: str) -> int:

@@ -118,28 +118,34 @@ def train_request(family: ModelFamily, seed: int) -> dict[str, Any]:
     }
 
 
+def run_train_task(family: ModelFamily, work: Path, request: dict[str, Any], datastore_dir: Path) -> dict[str, Any]:
+    """Run the app's train task of ``family`` with ``request`` on the datastore in ``datastore_dir``, publishing into
+    ``work / "models"``; returns the task's stats (with ``published``, ``train_seconds`` and ``request``)."""
+    from monailabel_app.lib.trainers.classification import ClassificationTrain
+    from monailabel_app.lib.trainers.segmentation import SegmentationTrain
+
+    files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
+    labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
+    task_type = ClassificationTrain if family.task == "classification" else SegmentationTrain
+    task = task_type(family, files, labels)
+    start = time.time()
+    stats = task(dict(request), _datastore(datastore_dir))
+    stats["train_seconds"] = round(time.time() - start, 1)
+    stats["request"] = request
+    return stats
+
+
 def train_family(
     family: ModelFamily, work: Path, quick: bool, seed: int, train_images: tuple[str, ...] = TRAIN_IMAGES
 ) -> dict[str, Any]:
     """Train one family with the app's train task on ``train_images``; returns the task's stats (with
     ``published``)."""
-    from monailabel_app.lib.trainers.classification import ClassificationTrain
-    from monailabel_app.lib.trainers.segmentation import SegmentationTrain
-
     held_out = tuple(i for i in LABELLED_VOLUMES if i not in train_images)
     train_dir, _ = build_datastores(work, family.labels, train_images, held_out)
-    files = ModelFiles(family.family, str(work / "no_bundled_weights"), str(work / "models"))
-    labels = {organ: i + 1 for i, organ in enumerate(family.labels)}
-    task_type = ClassificationTrain if family.task == "classification" else SegmentationTrain
-    task = task_type(family, files, labels)
     request = train_request(family, seed)
     if quick:
         request["max_epochs"] = QUICK_EPOCHS
-    start = time.time()
-    stats = task(request, _datastore(train_dir))
-    stats["train_seconds"] = round(time.time() - start, 1)
-    stats["request"] = request
-    return stats
+    return run_train_task(family, work, request, train_dir)
 
 
 def requantize_family(family: ModelFamily, bundled: Path, work: Path, seed: int) -> dict[str, Any]:
